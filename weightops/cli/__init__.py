@@ -1,0 +1,37 @@
+"""The `weightops` command line.
+
+One typer app; each command family lives in its own module and registers on
+`app` when imported below. Command modules import torch and the heavy parts of
+weightops inside the command functions only, so `weightops --help` stays fast.
+"""
+from __future__ import annotations
+
+import sys
+
+import typer
+
+app = typer.Typer(
+    name="weightops",
+    help="Weight-space surgery on checkpoints: merge, prune, patch, graft, analyse.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Registration by import: each module adds its commands (or a sub-app) to `app`.
+from weightops.cli import merge as _merge  # noqa: E402,F401
+from weightops.cli import zoo as _zoo  # noqa: E402,F401
+from weightops.cli import doctor as _doctor  # noqa: E402,F401
+
+
+def main() -> None:
+    from weightops.errors import WeightopsError
+
+    try:
+        app()
+    except WeightopsError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,1 @@
+"""`weightops doctor`: environment and native-kernel diagnostics (filled in by the kernels work)."""

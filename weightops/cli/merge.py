@@ -1,0 +1,1 @@
+"""`weightops merge|inspect|diff|verify` (being written)."""
