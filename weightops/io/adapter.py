@@ -1,0 +1,172 @@
+"""A PEFT LoRA adapter seen as a model: θ = θ0 + ΔW for each adapted matrix.
+
+ΔW = s·B·A with s = alpha/r (or alpha/√r for rsLoRA; per-module r and alpha
+from rank_pattern/alpha_pattern). A block of elements [start, stop) of ΔW
+only needs the rows of B it covers, so adapters merge block-wise without
+materialising the adapted model. Tensors saved whole in the adapter
+(`modules_to_save`, e.g. a classifier head) replace the base's.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from weightops.errors import CheckpointError
+from weightops.io.checkpoint import ADAPTER_CONFIG, Checkpoint
+from weightops.io.safetensors_file import SafetensorsFile, TensorInfo
+
+PREFIX = "base_model.model."
+
+
+@dataclass
+class LoraFactor:
+    """ΔW = scale · B @ A (transposed for embeddings and fan_in_fan_out layers)."""
+
+    a: TensorInfo
+    b: TensorInfo
+    scale: float
+    transpose: bool
+    rank: int
+    alpha: float
+
+    def delta(self, shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
+        """Flat elements [start, stop) of ΔW, in fp32."""
+        if stop <= start:
+            return torch.empty(0, dtype=torch.float32)
+        cols = shape[1]
+        r0, r1 = start // cols, (stop - 1) // cols + 1
+        A = self.a.file.read(self.a, 0, self.a.numel).reshape(self.a.shape).float()
+        B = self.b.file.read(self.b, 0, self.b.numel).reshape(self.b.shape).float()
+        if self.transpose:  # ΔW = (B @ A)ᵀ: its rows are A's columns
+            rows = (A[:, r0:r1].T @ B.T) * self.scale
+        else:
+            rows = (B[r0:r1] @ A) * self.scale
+        return rows.reshape(-1)[start - r0 * cols : stop - r0 * cols]
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?{key}$", module):
+            return value
+    return default
+
+
+class LoraAdapter:
+    """A PEFT LoRA adapter directory applied on the checkpoint it was trained from."""
+
+    kind = "lora"
+
+    def __init__(self, path, base: Checkpoint):
+        self.path = Path(path)
+        self.base = base
+        try:
+            self.config = json.loads((self.path / ADAPTER_CONFIG).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{self.path / ADAPTER_CONFIG}: unreadable ({e.__class__.__name__})") from None
+        peft_type = self.config.get("peft_type", "LORA")
+        if peft_type != "LORA":
+            raise CheckpointError(f"{self.path}: {peft_type} adapters are not supported (only LoRA)")
+        if self.config.get("use_dora"):
+            raise CheckpointError(f"{self.path}: DoRA adapters are not supported (their update is not B·A)")
+        weights = self.path / "adapter_model.safetensors"
+        if not weights.is_file():
+            pickled = self.path / "adapter_model.bin"
+            if pickled.is_file():
+                raise CheckpointError(f"{pickled}: pickled adapter; weightops never unpickles. Re-save with peft's save_pretrained(safe_serialization=True)")
+            raise CheckpointError(f"{self.path}: adapter_model.safetensors is missing")
+        self.file = SafetensorsFile(weights)
+        self.files = [self.file]
+        self.factors: dict[str, LoraFactor] = {}
+        self.replaced: dict[str, TensorInfo] = {}
+        self._parse()
+        self.infos = base.infos
+
+    def _base_name(self, key: str) -> str:
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        if name in self.base.infos:
+            return name
+        # Adapters trained on a task model (e.g. `bert.` prefixed) applied to its bare backbone, or vice versa.
+        for cand in self.base.infos:
+            if cand.endswith("." + name) or name.endswith("." + cand):
+                return cand
+        raise CheckpointError(f"{self.path}: adapter tensor '{key}' matches no tensor of the base {self.base.path}")
+
+    def _parse(self) -> None:
+        cfg = self.config
+        r_default, alpha_default = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+        rslora, fan_in_fan_out = bool(cfg.get("use_rslora")), bool(cfg.get("fan_in_fan_out"))
+        pairs: dict[str, dict[str, TensorInfo]] = {}
+        for key, info in self.file.tensors.items():
+            m = re.match(r"^(.*)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.[^.]+)?\.weight$", key) or re.match(
+                r"^(.*)\.(lora_embedding_A|lora_embedding_B)(\.[^.]+)?$", key
+            )
+            if m:
+                pairs.setdefault(m.group(1), {})[m.group(2)] = info
+            elif "lora_" in key or "magnitude" in key:
+                raise CheckpointError(f"{self.path}: unsupported adapter tensor '{key}'")
+            else:
+                self.replaced[self._base_name(key)] = info
+        for module_key, parts in pairs.items():
+            embedding = "lora_embedding_A" in parts
+            a = parts.get("lora_embedding_A" if embedding else "lora_A")
+            b = parts.get("lora_embedding_B" if embedding else "lora_B")
+            if a is None or b is None:
+                raise CheckpointError(f"{self.path}: '{module_key}' has only one of its LoRA A/B factors")
+            module = module_key[len(PREFIX):] if module_key.startswith(PREFIX) else module_key
+            r = int(_pattern_value(cfg.get("rank_pattern") or {}, module, r_default))
+            alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, alpha_default))
+            if a.shape[0] != r or b.shape[1] != r:
+                raise CheckpointError(f"{self.path}: '{module_key}' factors have rank {a.shape[0]}, config says r={r}")
+            scale = alpha / math.sqrt(r) if rslora else alpha / r
+            target = self._base_name(module_key + ".weight")
+            transpose = embedding or fan_in_fan_out
+            shape = self.base.infos[target].shape
+            want = (a.shape[1], b.shape[0]) if transpose else (b.shape[0], a.shape[1])
+            if tuple(shape) != want:
+                raise CheckpointError(f"{self.path}: ΔW for '{target}' would be {list(want)}, base has {list(shape)}")
+            self.factors[target] = LoraFactor(a, b, scale, transpose, r, alpha)
+        for name, info in self.replaced.items():
+            if tuple(info.shape) != tuple(self.base.infos[name].shape):
+                raise CheckpointError(f"{self.path}: '{name}' has shape {list(info.shape)}, base has {list(self.base.infos[name].shape)}")
+
+    # -- the source interface (same as Checkpoint) ---------------------------------------
+    def delta(self, name: str, start: int, stop: int) -> torch.Tensor | None:
+        """ΔW block in fp32 for adapted matrices; None for tensors the adapter leaves alone."""
+        f = self.factors.get(name)
+        return None if f is None else f.delta(self.base.infos[name].shape, start, stop)
+
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        if name in self.replaced:
+            info = self.replaced[name]
+            return info.file.read(info, start, stop)
+        base = self.base.read(name, start, stop)
+        d = self.delta(name, start, stop)
+        return base if d is None else base.float() + d
+
+    def release(self, name: str, start: int, stop: int) -> None:
+        self.base.release(name, start, stop)
+
+    def file_hashes(self) -> list[dict]:
+        return [{"file": str(self.file.path), "bytes": self.file.size, "sha256": self.file.sha256()}]
+
+    def sidecar_files(self) -> list[Path]:
+        return []
+
+    @property
+    def nbytes(self) -> int:
+        return self.file.size
+
+    def load(self, names=None) -> dict[str, torch.Tensor]:
+        names = list(self.infos) if names is None else names
+        return {n: self.read(n, 0, self.infos[n].numel).clone().reshape(self.infos[n].shape) for n in names}
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __repr__(self) -> str:
+        return f"LoraAdapter({str(self.path)!r}, {len(self.factors)} adapted matrices on {self.base.path})"

@@ -1,0 +1,162 @@
+"""Checkpoints as sources of tensors, read a flat block of elements at a time.
+
+A `Checkpoint` is an HF model directory (`model.safetensors`, or shards with
+`model.safetensors.index.json`) or a single `.safetensors` file. `open_source`
+also accepts a PEFT LoRA adapter directory, given the base it was trained on
+(see `weightops.io.adapter`). Every source answers the same four questions:
+which tensors (`infos`), read elements [start, stop) of one (`read`), forget
+them (`release`), and the sha256 of the files behind it (`file_hashes`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from weightops.errors import CheckpointError
+from weightops.io.safetensors_file import SafetensorsFile, TensorInfo
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Files copied next to merged weights so the output loads with transformers unchanged.
+SIDECAR_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+)
+
+
+def _pickle_error(path: Path, found: list[Path]) -> CheckpointError:
+    names = ", ".join(p.name for p in found[:3])
+    return CheckpointError(
+        f"{path}: only pickled weights found ({names}); weightops never unpickles files. Convert once with "
+        f"transformers: AutoModel.from_pretrained(dir).save_pretrained(out, safe_serialization=True)"
+    )
+
+
+class Checkpoint:
+    """A model directory or a single safetensors file."""
+
+    kind = "checkpoint"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.files = [SafetensorsFile(f) for f in self._resolve_files()]
+        self.infos: dict[str, TensorInfo] = {}
+        for f in self.files:
+            for name, info in f.tensors.items():
+                if name in self.infos:
+                    raise CheckpointError(f"{self.path}: tensor '{name}' appears in two shards")
+                self.infos[name] = info
+        self._check_index()
+
+    def _resolve_files(self) -> list[Path]:
+        p = self.path
+        if not p.exists():
+            raise CheckpointError(f"{p}: no such file or directory")
+        if p.is_file():
+            if p.suffix in PICKLE_SUFFIXES:
+                raise _pickle_error(p, [p])
+            if p.suffix != ".safetensors":
+                raise CheckpointError(f"{p}: not a checkpoint (expected a .safetensors file or a model directory)")
+            return [p]
+        index = p / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: corrupt index ({e.__class__.__name__})") from None
+            self._weight_map = weight_map
+            shards = sorted(set(weight_map.values()))
+            missing = [s for s in shards if not (p / s).is_file()]
+            if missing:
+                raise CheckpointError(f"{p}: shard {missing[0]} listed in {INDEX_NAME} is missing")
+            return [p / s for s in shards]
+        if (p / SINGLE_NAME).is_file():
+            return [p / SINGLE_NAME]
+        candidates = sorted(p.glob("*.safetensors"))
+        if (p / ADAPTER_CONFIG).is_file():
+            raise CheckpointError(f"{p}: this is a PEFT adapter; give the model it was trained on as --base")
+        if len(candidates) == 1:
+            return candidates
+        pickled = [f for f in sorted(p.iterdir()) if f.suffix in PICKLE_SUFFIXES]
+        if pickled:
+            raise _pickle_error(p, pickled)
+        if candidates:
+            raise CheckpointError(f"{p}: several .safetensors files but no {INDEX_NAME}")
+        raise CheckpointError(f"{p}: not a checkpoint (no {SINGLE_NAME}, {INDEX_NAME} or {ADAPTER_CONFIG})")
+
+    def _check_index(self) -> None:
+        weight_map = getattr(self, "_weight_map", None)
+        if weight_map is None:
+            return
+        for name, shard in weight_map.items():
+            info = self.infos.get(name)
+            if info is None or info.file.path.name != shard:
+                raise CheckpointError(f"{self.path}: {INDEX_NAME} places '{name}' in {shard}, which does not hold it")
+        extra = set(self.infos) - set(weight_map)
+        if extra:
+            raise CheckpointError(f"{self.path}: tensor '{sorted(extra)[0]}' is in a shard but not in {INDEX_NAME}")
+
+    # -- the source interface ---------------------------------------------------------
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        info = self.infos[name]
+        return info.file.read(info, start, stop)
+
+    def release(self, name: str, start: int, stop: int) -> None:
+        info = self.infos[name]
+        info.file.release(info, start, stop)
+
+    def file_hashes(self) -> list[dict]:
+        return [{"file": str(f.path), "bytes": f.size, "sha256": f.sha256()} for f in self.files]
+
+    def sidecar_files(self) -> list[Path]:
+        if not self.path.is_dir():
+            return []
+        return [self.path / n for n in SIDECAR_FILES if (self.path / n).is_file()]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def load(self, names=None) -> dict[str, torch.Tensor]:
+        """Whole tensors (copies), for tests and small models only."""
+        names = list(self.infos) if names is None else names
+        return {n: self.read(n, 0, self.infos[n].numel).clone().reshape(self.infos[n].shape) for n in names}
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self.infos)} tensors)"
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / ADAPTER_CONFIG).is_file()
+
+
+def open_source(path: str | os.PathLike, base: Checkpoint | None = None):
+    """A checkpoint, or a LoRA adapter applied on `base`."""
+    if is_adapter_dir(path):
+        from weightops.io.adapter import LoraAdapter
+
+        if base is None:
+            raise CheckpointError(f"{path}: a LoRA adapter needs --base (the model it was trained on)")
+        return LoraAdapter(path, base)
+    return Checkpoint(path)
