@@ -1,0 +1,290 @@
+"""The streaming merge: read → plan → compute blocks → write.
+
+1. Open the base and the models (checkpoints or LoRA adapters on the base).
+2. Plan: align every tensor by name; each output tensor is either merged
+   (float, present everywhere, not excluded) or copied from the template
+   (the base, else the first model): non-float buffers, --exclude matches and,
+   with --allow-missing, tensors some model lacks.
+3. Compute: for each tensor in file order, the method's statistics passes,
+   then block by block: read the same flat element range of every input,
+   merge in fp32, check the range of the output dtype, cast.
+4. Write: blocks are appended to the output shards as they come (the writer
+   knows the whole layout up front), pages of consumed input blocks are
+   dropped, and the output is renamed into place only when complete.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from weightops import __version__, ops
+from weightops.errors import AlignmentError, NumericError, WeightopsError
+from weightops.io.checkpoint import Checkpoint, is_adapter_dir, open_source
+from weightops.io.safetensors_file import FLOAT_DTYPES
+from weightops.io.writer import CheckpointWriter
+from weightops.methods import MergeParams, get_method
+from weightops.methods.base import TensorJob
+
+# 4M elements: 16 MB per input block in fp32; with three inputs and the
+# temporaries of a fused merge, peak RSS stays at a few hundred MB.
+DEFAULT_BLOCK_SIZE = 1 << 22
+DTYPE_ARGS = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name in (None, "", "auto"):
+        return None
+    if name not in DTYPE_ARGS:
+        raise WeightopsError(f"--dtype must be one of auto, {', '.join(DTYPE_ARGS)}; got {name}")
+    return DTYPE_ARGS[name]
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    in_dtype: torch.dtype
+    out_dtype: torch.dtype
+    action: str  # "merge" or "copy"
+    reason: str = ""
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    seconds: float
+    bytes_read: int
+    bytes_written: int
+    warnings: list[str] = field(default_factory=list)
+    manifest: dict = field(default_factory=dict)
+
+
+def _fmt_names(names: list[str], n: int = 3) -> str:
+    shown = ", ".join(f"'{x}'" for x in names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def plan_tensors(template, models, *, out_dtype, allow_missing, allow_dtype_mix, exclude) -> tuple[list[PlannedTensor], list[str]]:
+    """Align the models on the template's tensor names; errors name the first offenders."""
+    notes: list[str] = []
+    missing: dict[int, list[str]] = {}
+    shape_err, dtype_err = [], []
+    pattern = re.compile(exclude) if exclude else None
+    plan = []
+    for name, info in template.infos.items():
+        action, reason = "merge", ""
+        if not info.is_float:
+            action, reason = "copy", "non-float"
+        elif pattern is not None and pattern.search(name):
+            action, reason = "copy", "excluded"
+        for i, m in enumerate(models):
+            mi = m.infos.get(name)
+            if mi is None:
+                missing.setdefault(i, []).append(name)
+                action, reason = "copy", "missing in a model"
+                continue
+            if tuple(mi.shape) != tuple(info.shape):
+                shape_err.append(f"'{name}' is {list(mi.shape)} in model {i + 1} ({m.path}) but {list(info.shape)} in {template.path}")
+            elif info.is_float and mi.dtype != info.dtype and not allow_dtype_mix:
+                dtype_err.append(f"'{name}' is {str(mi.dtype)[6:]} in model {i + 1} but {str(info.dtype)[6:]} in {template.path}")
+            elif info.is_float != (mi.dtype in FLOAT_DTYPES):
+                dtype_err.append(f"'{name}' is {str(mi.dtype)[6:]} in model {i + 1} but {str(info.dtype)[6:]} in {template.path}")
+        dt = out_dtype if (out_dtype is not None and info.is_float) else info.dtype
+        plan.append(PlannedTensor(name, tuple(info.shape), info.dtype, dt, action, reason))
+    if shape_err:
+        raise AlignmentError(f"shape mismatch: {shape_err[0]}" + (f" (+{len(shape_err) - 1} more)" if len(shape_err) > 1 else ""))
+    if dtype_err:
+        raise AlignmentError(f"dtype mismatch: {dtype_err[0]}" + (f" (+{len(dtype_err) - 1} more)" if len(dtype_err) > 1 else "")
+                             + "; pass --allow-dtype-mix to merge in fp32 anyway")
+    extra = {i: sorted(set(m.infos) - set(template.infos)) for i, m in enumerate(models)}
+    extra = {i: v for i, v in extra.items() if v}
+    if (missing or extra) and not allow_missing:
+        parts = [f"model {i + 1} lacks {len(v)} tensor(s) of {template.path}: {_fmt_names(v)}" for i, v in missing.items()]
+        parts += [f"model {i + 1} has {len(v)} tensor(s) not in {template.path}: {_fmt_names(v)}" for i, v in extra.items()]
+        raise AlignmentError("; ".join(parts) + " (--allow-missing copies missing tensors from the base and ignores extra ones)")
+    for i, v in missing.items():
+        notes.append(f"model {i + 1} lacks {len(v)} tensor(s); copied from the base: {_fmt_names(v)}")
+    for i, v in extra.items():
+        notes.append(f"model {i + 1} has {len(v)} tensor(s) not in the base; ignored: {_fmt_names(v)}")
+    return plan, notes
+
+
+class _Numerics:
+    """Input NaN/Inf warnings (or errors with strict) and output range checks."""
+
+    def __init__(self, strict: bool, clamp: bool):
+        self.strict, self.clamp = strict, clamp
+        self.nonfinite: dict[str, list[str]] = {}
+        self.clamped: dict[str, int] = {}
+
+    def check_inputs(self, name: str, blocks: list[tuple[str, torch.Tensor]]) -> None:
+        for who, x in blocks:
+            if x is None or not x.is_floating_point() or x.numel() == 0:
+                continue
+            if not bool(torch.isfinite(x).all()):
+                if self.strict:
+                    raise NumericError(f"NaN/Inf in tensor '{name}' of {who} (--strict)")
+                self.nonfinite.setdefault(name, [])
+                if who not in self.nonfinite[name]:
+                    self.nonfinite[name].append(who)
+
+    def finalize(self, name: str, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        if out_dtype in (torch.float16, torch.bfloat16):
+            fmax = torch.finfo(out_dtype).max
+            over = x.abs() > fmax
+            n_over = int(over.sum())
+            if n_over:
+                if not self.clamp:
+                    raise NumericError(
+                        f"tensor '{name}': {n_over} merged value(s) exceed the {str(out_dtype)[6:]} range "
+                        f"(max |x| = {x.abs().max().item():.4g}); pass --clamp to clamp them or --dtype float32"
+                    )
+                x = x.clamp(-fmax, fmax)
+                self.clamped[name] = self.clamped.get(name, 0) + n_over
+        return x.to(out_dtype)
+
+    def messages(self) -> list[str]:
+        out = [f"NaN/Inf in input tensor '{n}' of {', '.join(w)}" for n, w in self.nonfinite.items()]
+        out += [f"clamped {c} value(s) of '{n}' to the output dtype's range" for n, c in self.clamped.items()]
+        return out
+
+
+def _progress(total: int, quiet: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=quiet,
+                delay=1.0, dynamic_ncols=True, file=sys.stderr)
+
+
+def merge(models, *, out, base=None, method: str = "linear", weights=None, lam=None, density=None, gamma=None,
+          drop_rate=None, rescale=None, q=None, trim_scope=None, t=None, normalize=None, seed: int = 0,
+          dtype: str | None = None, shard_size="5GB", block_size: int | None = None, threads: int | None = None,
+          kernels: str = "auto", allow_missing: bool = False, allow_dtype_mix: bool = False,
+          exclude: str | None = None, clamp: bool = False, strict: bool = False, force: bool = False,
+          quiet: bool = False, command: list[str] | None = None) -> MergeResult:
+    """Merge checkpoints (or LoRA adapters on `base`) into `out`; see `weightops merge --help`."""
+    t0 = time.perf_counter()
+    m = get_method(method)
+    models = [str(x) for x in models]
+    n = len(models)
+    if n < m.min_models or (m.max_models is not None and n > m.max_models):
+        want = str(m.min_models) if m.max_models == m.min_models else f"at least {m.min_models}"
+        raise WeightopsError(f"method {m.name} takes {want} model(s), got {n}")
+    if m.needs_base and base is None:
+        raise WeightopsError(f"method {m.name} needs --base (the model the others were fine-tuned from)")
+    params = m.resolve(MergeParams(weights=weights, lam=lam, density=density, gamma=gamma, drop_rate=drop_rate,
+                                   rescale=rescale, q=q, trim_scope=trim_scope, t=t, normalize=normalize, seed=seed), n)
+    block_size = int(block_size or DEFAULT_BLOCK_SIZE)
+    if block_size < 1:
+        raise WeightopsError("--block-size must be at least 1")
+    out_dtype = parse_dtype(dtype)
+    ops.use_kernels(kernels)
+    if threads:
+        torch.set_num_threads(int(threads))
+
+    base_src = Checkpoint(base) if base is not None else None
+    if base_src is None and any(is_adapter_dir(x) for x in models):
+        raise WeightopsError("LoRA adapters among the models need --base (the model they were trained on)")
+    sources = [open_source(x, base_src) for x in models]
+    template = base_src if base_src is not None else sources[0]
+    plan, notes = plan_tensors(template, sources, out_dtype=out_dtype, allow_missing=allow_missing,
+                               allow_dtype_mix=allow_dtype_mix, exclude=exclude)
+    numerics = _Numerics(strict, clamp)
+
+    def read_block(job: TensorJob, start: int, stop: int, which=None):
+        idx = range(len(job.models)) if which is None else which
+        b = job.base.read(job.name, start, stop) if job.base is not None else None
+        return b, [job.models[i].read(job.name, start, stop) for i in idx]
+
+    def release(name: str, start: int, stop: int) -> None:
+        for s in ([base_src] if base_src is not None else []) + sources:
+            s.release(name, start, stop)
+
+    def make_job(p: PlannedTensor) -> TensorJob:
+        return TensorJob(p.name, p.shape, p.out_dtype, base_src, sources, block_size, read_block)
+
+    metadata = {"weightops_version": __version__, "weightops_method": m.name}
+    layout = [(p.name, p.out_dtype, p.shape) for p in plan]
+    bytes_read = 0
+    with CheckpointWriter(out, layout, shard_size=shard_size, metadata=metadata, force=force) as writer:
+        merge_jobs = [make_job(p) for p in plan if p.action == "merge"]
+        model_state = m.prepare_model(merge_jobs, params)
+        total = sum(template.infos[p.name].nbytes * (1 if p.action == "copy" else (n + (base_src is not None)))
+                    for p in plan)
+        with _progress(total, quiet, f"{m.name}") as bar:
+            for p in plan:
+                if p.action == "copy":
+                    info = template.infos[p.name]
+                    for start in range(0, info.numel, block_size):
+                        stop = min(info.numel, start + block_size)
+                        x = template.read(p.name, start, stop)
+                        writer.write(p.name, x if x.dtype == p.out_dtype else numerics.finalize(p.name, x.float(), p.out_dtype))
+                        template.release(p.name, start, stop)
+                        bytes_read += x.numel() * x.element_size()
+                        bar.update(x.numel() * x.element_size())
+                    continue
+                job = make_job(p)
+                state = m.prepare(job, params, model_state)
+                for start, stop in job.ranges():
+                    b, xs = read_block(job, start, stop)
+                    numerics.check_inputs(p.name, ([("base", b)] if b is not None else [])
+                                          + [(f"model {i + 1}", x) for i, x in enumerate(xs)])
+                    y = m.merge_block(job, params, state, start, b, xs)
+                    writer.write(p.name, numerics.finalize(p.name, y, p.out_dtype))
+                    nb = sum(x.numel() * x.element_size() for x in xs) + (b.numel() * b.element_size() if b is not None else 0)
+                    bytes_read += nb
+                    bar.update(nb)
+                    release(p.name, start, stop)
+        for f in template.sidecar_files():
+            writer.add_file(f)
+        warnings = notes + numerics.messages()
+        manifest = {
+            "weightops_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": command,
+            "method": m.name,
+            "params": params.as_dict(),
+            "seed": seed,
+            "dtype": str(out_dtype)[6:] if out_dtype else "auto",
+            "block_size": block_size,
+            "threads": torch.get_num_threads(),
+            "kernels": ops.kernels_in_use(),
+            "inputs": ([{"role": "base", "path": str(base_src.path), "kind": base_src.kind, "files": base_src.file_hashes()}]
+                       if base_src is not None else [])
+                      + [{"role": "model", "index": i + 1, "path": str(s.path), "kind": s.kind, "files": s.file_hashes()}
+                         for i, s in enumerate(sources)],
+            "outputs": {
+                "shards": [writer.shard_name(i) for i in range(writer.n_shards)],
+                "total_bytes": writer.total_bytes,
+                "tensors": {p.name: {"dtype": str(p.out_dtype)[6:], "shape": list(p.shape), "action": p.action,
+                                     **({"reason": p.reason} if p.reason else {}), "sha256": h}
+                            for p, h in zip(plan, writer.tensor_sha256().values())},
+            },
+            "warnings": warnings,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "bytes_read": bytes_read,
+        }
+        writer.add_json("weightops.json", manifest)
+        writer.commit()
+    for s in ([base_src] if base_src is not None else []) + sources:
+        s.close()
+    return MergeResult(Path(out), time.perf_counter() - t0, bytes_read, writer.total_bytes, warnings, manifest)
+
+
+def load_manifest(path) -> dict:
+    p = Path(path) / "weightops.json"
+    if not p.is_file():
+        raise WeightopsError(f"{path}: no weightops.json manifest (was it written by weightops?)")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightopsError(f"{p}: corrupt manifest ({e})") from None

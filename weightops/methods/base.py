@@ -1,0 +1,131 @@
+"""The merge-method contract and the one registry.
+
+A method sees one output tensor at a time through a `TensorJob`: it may make
+statistics passes over the tensor's blocks first (`prepare`), then computes
+each output block from the same block of every input (`merge_block`). Methods
+that need model-wide statistics (TIES with a global trim) get one call to
+`prepare_model` before any tensor is merged. All arithmetic goes through
+`weightops.ops`, so the reference and the native kernels give the same bytes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Iterator
+
+import torch
+
+from weightops.errors import WeightopsError
+
+
+@dataclass
+class MergeParams:
+    """Every knob of every method; each method says which ones it reads."""
+
+    weights: list[float] | None = None
+    lam: float | None = None  # λ, scales the merged task vector
+    density: float | None = None  # fraction of |δ| kept by the magnitude trim
+    gamma: float | None = None  # breadcrumbs: fraction of the largest |δ| removed
+    drop_rate: float | None = None  # DARE: probability of DROPPING an element
+    rescale: str | None = None  # DARE: dare (1/(1-p)) | darex-q (1/q) | l1 | none
+    q: float | None = None  # DAREx-q divisor, 1-p <= q <= 1
+    trim_scope: str | None = None  # ties: global | tensor
+    t: float | None = None  # slerp interpolation factor
+    normalize: bool | None = None  # linear: divide weights by their sum
+    seed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass
+class TensorJob:
+    """One output tensor: its inputs, and block-wise access to them."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    base: Any  # a source (Checkpoint/LoraAdapter) or None
+    models: list[Any]
+    block_size: int
+    # (job, start, stop, which models or None for all) -> (base block, model blocks)
+    read_block: Callable[..., tuple[torch.Tensor | None, list[torch.Tensor]]] = field(repr=False)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def ranges(self) -> Iterator[tuple[int, int]]:
+        n = self.numel
+        for start in range(0, n, self.block_size):
+            yield start, min(n, start + self.block_size)
+
+    def blocks(self, which: list[int] | None = None) -> Iterator[tuple[int, torch.Tensor | None, list[torch.Tensor]]]:
+        """(start, base block, blocks of the models in `which`) over the whole tensor, for statistics passes."""
+        for start, stop in self.ranges():
+            base, models = self.read_block(self, start, stop, which)
+            yield start, base, models
+
+
+class Method:
+    """Base class: subclasses set the class attributes and implement merge_block."""
+
+    name: str = ""
+    summary: str = ""
+    reference_url: str = ""
+    needs_base: bool = True
+    min_models: int = 1
+    max_models: int | None = None
+    uses: tuple[str, ...] = ()  # MergeParams fields this method reads
+    defaults: dict[str, Any] = {}
+
+    def resolve(self, params: MergeParams, n_models: int) -> MergeParams:
+        """Fill defaults, reject knobs the method does not read, validate ranges."""
+        given = params.as_dict()
+        unused = [k for k in given if k not in self.uses and k != "seed"]
+        if unused:
+            raise WeightopsError(f"method {self.name} does not take {', '.join('--' + k.replace('_', '-') for k in unused)}")
+        out = MergeParams(**{**self.defaults, **given})
+        if out.weights is not None and len(out.weights) != n_models:
+            raise WeightopsError(f"--weights has {len(out.weights)} values for {n_models} models")
+        self.validate(out, n_models)
+        return out
+
+    def validate(self, p: MergeParams, n_models: int) -> None:
+        pass
+
+    def prepare_model(self, jobs: list[TensorJob], p: MergeParams) -> Any:
+        return None
+
+    def prepare(self, job: TensorJob, p: MergeParams, model_state: Any) -> Any:
+        return None
+
+    def merge_block(self, job: TensorJob, p: MergeParams, state: Any, start: int,
+                    base: torch.Tensor | None, models: list[torch.Tensor]) -> torch.Tensor:
+        """Output elements [start, start + len) in fp32 (the executor checks and casts)."""
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, Method] = {}
+ALIASES: dict[str, str] = {"dare": "dare_linear", "soup": "linear", "uniform": "linear"}
+
+
+def register(method: Method) -> Method:
+    REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    import weightops.methods  # noqa: F401  (registers the built-in methods)
+
+    key = ALIASES.get(name, name)
+    if key not in REGISTRY:
+        raise WeightopsError(f"unknown method '{name}'; choose from {', '.join(sorted(REGISTRY))} (alias: dare)")
+    return REGISTRY[key]
+
+
+def check_fraction(name: str, value: float | None, lo: float = 0.0, hi: float = 1.0) -> None:
+    if value is not None and not (lo <= value <= hi):
+        raise WeightopsError(f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {value}")

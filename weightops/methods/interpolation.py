@@ -1,0 +1,108 @@
+"""Weight averaging: linear soups, SLERP, Model Stock.
+
+All three are weighted sums of whole models (`weightops.ops.weighted_sum`);
+SLERP and Model Stock first make one statistics pass over the tensor (dot
+products and norms, accumulated in fp64) to find their coefficients.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from weightops import ops
+from weightops.errors import WeightopsError
+from weightops.methods.base import Method, MergeParams, TensorJob, check_fraction, register
+
+
+class Linear(Method):
+    name = "linear"
+    summary = "Σ wi·θi / Σ wi (uniform soup by default; --no-normalize keeps raw weights)"
+    reference_url = "https://arxiv.org/abs/2203.05482"
+    needs_base = False
+    uses = ("weights", "normalize")
+    defaults = {"normalize": True}
+
+    def validate(self, p: MergeParams, n_models: int) -> None:
+        if p.normalize and p.weights is not None and abs(sum(p.weights)) < 1e-12:
+            raise WeightopsError("--weights sum to zero; cannot normalize (pass --no-normalize)")
+
+    def prepare(self, job, p, model_state):
+        w = p.weights if p.weights is not None else [1.0] * len(job.models)
+        if p.normalize:
+            s = sum(w)
+            w = [x / s for x in w]
+        return w
+
+    def merge_block(self, job, p, state, start, base, models):
+        return ops.weighted_sum(models, state, out_dtype=torch.float32)
+
+
+def _dots(job: TensorJob, with_base: bool) -> torch.Tensor:
+    """Gram matrix (fp64) of the models' blocks, or of their deltas from the base."""
+    n = len(job.models)
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for _, base, models in job.blocks():
+        b = base.double() if with_base else None
+        vs = torch.stack([(m.double() - b) if with_base else m.double() for m in models])
+        gram += vs @ vs.T
+    return gram
+
+
+class Slerp(Method):
+    name = "slerp"
+    summary = "spherical interpolation between two models, per tensor (linear when nearly parallel)"
+    reference_url = "https://en.wikipedia.org/wiki/Slerp"
+    needs_base = False
+    min_models = max_models = 2
+    uses = ("t",)
+    defaults = {"t": 0.5}
+    parallel_cos = 0.9995
+
+    def validate(self, p, n_models):
+        check_fraction("t", p.t)
+
+    def prepare(self, job, p, model_state):
+        g = _dots(job, with_base=False)
+        n0, n1 = math.sqrt(g[0, 0].item()), math.sqrt(g[1, 1].item())
+        t = p.t
+        if n0 == 0 or n1 == 0:
+            return [1 - t, t]
+        cos = max(-1.0, min(1.0, g[0, 1].item() / (n0 * n1)))
+        if abs(cos) > self.parallel_cos:
+            return [1 - t, t]
+        theta = math.acos(cos)
+        s = math.sin(theta)
+        return [math.sin((1 - t) * theta) / s, math.sin(t * theta) / s]
+
+    def merge_block(self, job, p, state, start, base, models):
+        return ops.weighted_sum(models, state, out_dtype=torch.float32)
+
+
+class ModelStock(Method):
+    name = "model_stock"
+    summary = "t·mean(θi) + (1−t)·θ0 with t = N·cos/(1+(N−1)·cos) from the deltas' mean pairwise cosine"
+    reference_url = "https://arxiv.org/abs/2403.19522"
+    min_models = 2
+    uses = ()
+
+    def prepare(self, job, p, model_state):
+        g = _dots(job, with_base=True)
+        n = len(job.models)
+        norms = g.diagonal().sqrt()
+        cosines = []
+        for i in range(n):
+            for j in range(i + 1, n):
+                denom = (norms[i] * norms[j]).item()
+                cosines.append(g[i, j].item() / denom if denom > 0 else 0.0)
+        cos = sum(cosines) / len(cosines)
+        t = n * cos / (1 + (n - 1) * cos) if 1 + (n - 1) * cos != 0 else 0.0
+        return [1 - t] + [t / n] * n
+
+    def merge_block(self, job, p, state, start, base, models):
+        return ops.weighted_sum([base] + models, state, out_dtype=torch.float32)
+
+
+register(Linear())
+register(Slerp())
+register(ModelStock())
