@@ -1,1 +1,144 @@
-"""`weightops merge|inspect|diff|verify` (being written)."""
+"""`weightops merge | inspect | diff | verify`."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import List, Optional
+
+import typer
+
+from weightops.cli import app
+
+METHODS_HELP = ("linear (soup), task_arithmetic, ties, dare_linear (alias dare), dare_ties, breadcrumbs, "
+                "slerp (2 models), model_stock")
+
+
+def _floats(text: Optional[str], what: str) -> Optional[list[float]]:
+    if text is None:
+        return None
+    from weightops.errors import WeightopsError
+
+    try:
+        return [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise WeightopsError(f"{what} must be comma-separated numbers, got '{text}'") from None
+
+
+@app.command()
+def merge(
+    models: List[str] = typer.Argument(..., help="Fine-tuned checkpoints: HF model dirs, .safetensors files or PEFT LoRA adapter dirs."),
+    out: str = typer.Option(..., "--out", "-o", help="Output directory (written atomically; must not exist unless --force)."),
+    base: Optional[str] = typer.Option(None, "--base", "-b", help="The model the others were fine-tuned from (θ0)."),
+    method: str = typer.Option("linear", "--method", "-m", help=f"Merge method: {METHODS_HELP}."),
+    weights: Optional[str] = typer.Option(None, help="Per-model weights, comma-separated (default: 1 each; linear normalises)."),
+    lam: Optional[float] = typer.Option(None, "--lambda", help="λ scaling the merged task vector (default 1)."),
+    density: Optional[float] = typer.Option(None, help="ties/dare_ties/breadcrumbs: fraction of |δ| KEPT by the magnitude trim (ties: 0.2)."),
+    trim_scope: Optional[str] = typer.Option(None, help="ties: 'global' (exact threshold over the whole model, the paper's; default) or 'tensor' (mergekit)."),
+    gamma: Optional[float] = typer.Option(None, help="breadcrumbs: fraction of the largest |δ| removed (default 0.01)."),
+    drop_rate: Optional[float] = typer.Option(None, help="DARE: probability p of DROPPING each delta element (default 0.9). mergekit's density is 1 − p."),
+    rescale: Optional[str] = typer.Option(None, help="DARE rescale of kept deltas: dare = 1/(1−p) (default), darex-q = 1/q, l1 = mergekit's L1-norm match, none."),
+    q: Optional[float] = typer.Option(None, help="DAREx-q divisor, 1−p ≤ q ≤ 1 (with --rescale darex-q)."),
+    t: Optional[float] = typer.Option(None, help="slerp: interpolation factor from the first model (0) to the second (1); default 0.5."),
+    normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize", help="linear: divide weights by their sum (default on)."),
+    seed: int = typer.Option(0, help="Seed of the DARE masks (mask = f(seed, model index, tensor name, element index))."),
+    dtype: Optional[str] = typer.Option(None, help="Output dtype: auto (the base's), float32, bfloat16, float16."),
+    shard_size: str = typer.Option("5GB", help="Maximum shard size of the output (e.g. 5GB, 500MB)."),
+    block_size: Optional[int] = typer.Option(None, help="Elements per block (default 4194304); bounds memory, never changes results."),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's)."),
+    kernels: str = typer.Option("auto", help="auto | reference (pure torch) | native (C++ extension); results are bit-identical."),
+    exclude: Optional[str] = typer.Option(None, help="Regex of tensor names to copy from the base instead of merging."),
+    allow_missing: bool = typer.Option(False, help="Copy tensors some model lacks from the base and ignore tensors the base lacks."),
+    allow_dtype_mix: bool = typer.Option(False, help="Merge models whose float dtypes differ (computed in fp32 anyway)."),
+    clamp: bool = typer.Option(False, help="Clamp values outside the output dtype's range instead of failing."),
+    strict: bool = typer.Option(False, help="Fail on NaN/Inf in the inputs instead of warning."),
+    force: bool = typer.Option(False, help="Replace an existing output directory (only once the new one is complete)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+):
+    """Merge fine-tuned models, tensor by tensor, streaming from disk.
+
+    Example: weightops merge a b --base base --method dare --drop-rate 0.9 --out merged
+    """
+    from weightops.engine import merge as run_merge
+
+    res = run_merge(
+        models, out=out, base=base, method=method, weights=_floats(weights, "--weights"), lam=lam, density=density,
+        gamma=gamma, drop_rate=drop_rate, rescale=rescale, q=q, trim_scope=trim_scope, t=t, normalize=normalize,
+        seed=seed, dtype=dtype, shard_size=shard_size, block_size=block_size, threads=threads, kernels=kernels,
+        allow_missing=allow_missing, allow_dtype_mix=allow_dtype_mix, exclude=exclude, clamp=clamp, strict=strict,
+        force=force, quiet=quiet, command=["weightops"] + sys.argv[1:],
+    )
+    for w in res.warnings:
+        typer.echo(f"warning: {w}", err=True)
+    if not quiet:
+        gb = res.bytes_written / 1e9
+        typer.echo(f"{res.manifest['method']}: wrote {res.out} ({len(res.manifest['outputs']['tensors'])} tensors, "
+                   f"{gb:.3f} GB) in {res.seconds:.1f} s, read {res.bytes_read / 1e9:.3f} GB, kernels {res.manifest['kernels']}")
+
+
+@app.command()
+def inspect(
+    model: str = typer.Argument(..., help="A checkpoint dir, .safetensors file or LoRA adapter dir."),
+    base: Optional[str] = typer.Option(None, help="For an adapter: its base, to resolve targets and scales."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    limit: int = typer.Option(50, help="Tensors to list (0: all)."),
+):
+    """Tensors, shapes, dtypes, sizes, parameter count (and LoRA config for adapters)."""
+    from weightops.info import inspect as run
+
+    r = run(model, base)
+    if as_json:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    typer.echo(f"{r['path']}: {r['kind']}, {r['parameters']:,} parameters, {r['bytes'] / 1e6:.1f} MB")
+    if r["kind"] == "lora":
+        typer.echo("config: " + ", ".join(f"{k}={v}" for k, v in r["config"].items() if v not in (None, {}, [])))
+        rows = r.get("adapted") or r["tensors"]
+    else:
+        typer.echo("by dtype: " + ", ".join(f"{k} {v:,}" for k, v in r["parameters_by_dtype"].items()))
+        rows = r["tensors"]
+    shown = rows if limit == 0 else rows[:limit]
+    width = max((len(x["name"]) for x in shown), default=4)
+    for x in shown:
+        extra = f"  scale {x['scale']:.4g} r {x['rank']}" if "scale" in x else f"  {x.get('dtype', '')}"
+        typer.echo(f"  {x['name']:<{width}}  {str(x['shape']):<16}{extra}")
+    if len(rows) > len(shown):
+        typer.echo(f"  ... {len(rows) - len(shown)} more (--limit 0 lists all)")
+
+
+@app.command()
+def diff(
+    a: str = typer.Argument(..., help="First checkpoint (e.g. the base)."),
+    b: str = typer.Argument(..., help="Second checkpoint, or a LoRA adapter on A."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    top: int = typer.Option(20, help="Tensors to show, largest relative change first (0: all)."),
+):
+    """Per-tensor delta statistics of B − A: L2, relative L2, cosine, max |δ|, fraction changed."""
+    from weightops.info import diff as run
+
+    r = run(a, b)
+    if as_json:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    rows = sorted(r["tensors"], key=lambda x: -(x["rel_l2"] if x["rel_l2"] == x["rel_l2"] else 0))
+    rows = rows if top == 0 else rows[:top]
+    width = max((len(x["name"]) for x in rows), default=4)
+    typer.echo(f"{'tensor':<{width}}  {'L2':>10} {'rel L2':>9} {'cosine':>9} {'max|δ|':>10} {'changed':>8}")
+    for x in rows:
+        typer.echo(f"{x['name']:<{width}}  {x['l2']:>10.4g} {x['rel_l2']:>9.3g} {x['cosine']:>9.6f} {x['max_abs']:>10.4g} {x['changed']:>8.1%}")
+    typer.echo(f"total L2 {r['total_l2']:.4g} over {len(r['tensors'])} float tensors")
+    if r["only_in_one"]:
+        typer.echo(f"{len(r['only_in_one'])} tensor(s) are in only one of the two")
+
+
+@app.command()
+def verify(out: str = typer.Argument(..., help="A directory written by weightops.")):
+    """Re-hash every tensor of a weightops output and compare with its manifest."""
+    from weightops.info import verify as run
+
+    r = run(out)
+    if r["ok"]:
+        typer.echo(f"ok: {r['tensors']} tensors match weightops.json")
+        return
+    for p in r["problems"]:
+        typer.echo(f"error: {p}", err=True)
+    raise typer.Exit(1)
