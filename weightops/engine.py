@@ -31,7 +31,7 @@ from weightops.io.checkpoint import Checkpoint, is_adapter_dir, open_source
 from weightops.io.safetensors_file import FLOAT_DTYPES
 from weightops.io.writer import CheckpointWriter
 from weightops.methods import MergeParams, get_method
-from weightops.methods.base import TensorJob
+from weightops.methods.base import Method, TensorJob
 
 # 4M elements: 16 MB per input block in fp32; with three inputs and the
 # temporaries of a fused merge, peak RSS stays at a few hundred MB.
@@ -172,7 +172,6 @@ def merge(models, *, out, base=None, method: str = "linear", weights=None, lam=N
           exclude: str | None = None, clamp: bool = False, strict: bool = False, force: bool = False,
           quiet: bool = False, command: list[str] | None = None) -> MergeResult:
     """Merge checkpoints (or LoRA adapters on `base`) into `out`; see `weightops merge --help`."""
-    t0 = time.perf_counter()
     m = get_method(method)
     models = [str(x) for x in models]
     n = len(models)
@@ -183,6 +182,32 @@ def merge(models, *, out, base=None, method: str = "linear", weights=None, lam=N
         raise WeightopsError(f"method {m.name} needs --base (the model the others were fine-tuned from)")
     params = m.resolve(MergeParams(weights=weights, lam=lam, density=density, gamma=gamma, drop_rate=drop_rate,
                                    rescale=rescale, q=q, trim_scope=trim_scope, t=t, normalize=normalize, seed=seed), n)
+    base_src = Checkpoint(base) if base is not None else None
+    if base_src is None and any(is_adapter_dir(x) for x in models):
+        raise WeightopsError("LoRA adapters among the models need --base (the model they were trained on)")
+    sources = [open_source(x, base_src) for x in models]
+    return run_streaming(m, params, base_src, sources, out=out, dtype=dtype, shard_size=shard_size,
+                         block_size=block_size, threads=threads, kernels=kernels, allow_missing=allow_missing,
+                         allow_dtype_mix=allow_dtype_mix, exclude=exclude, clamp=clamp, strict=strict, force=force,
+                         quiet=quiet, command=command, manifest_extra={"method": m.name, "params": params.as_dict(), "seed": seed})
+
+
+def run_streaming(method: Method, params, base_src, sources: list, *, out, dtype: str | None = None,
+                  shard_size="5GB", block_size: int | None = None, threads: int | None = None, kernels: str = "auto",
+                  allow_missing: bool = False, allow_dtype_mix: bool = False, exclude: str | None = None,
+                  clamp: bool = False, strict: bool = False, force: bool = False, quiet: bool = False,
+                  command: list[str] | None = None, manifest_extra: dict | None = None,
+                  extra_json: dict | None = None) -> MergeResult:
+    """The one streaming loop behind every command that writes a model.
+
+    `method` (any `Method`, registered or not: merges, pruning, grafting,
+    patching) maps the same block of the base and of each source to an output
+    block; everything else (alignment, statistics passes, numerics checks,
+    atomic sharded writing, page release, progress, manifest) happens here.
+    `extra_json` files are written next to the weights; `manifest_extra` is
+    merged into weightops.json.
+    """
+    t0 = time.perf_counter()
     block_size = int(block_size or DEFAULT_BLOCK_SIZE)
     if block_size < 1:
         raise WeightopsError("--block-size must be at least 1")
@@ -190,37 +215,29 @@ def merge(models, *, out, base=None, method: str = "linear", weights=None, lam=N
     ops.use_kernels(kernels)
     if threads:
         torch.set_num_threads(int(threads))
-
-    base_src = Checkpoint(base) if base is not None else None
-    if base_src is None and any(is_adapter_dir(x) for x in models):
-        raise WeightopsError("LoRA adapters among the models need --base (the model they were trained on)")
-    sources = [open_source(x, base_src) for x in models]
+    n = len(sources)
     template = base_src if base_src is not None else sources[0]
     plan, notes = plan_tensors(template, sources, out_dtype=out_dtype, allow_missing=allow_missing,
                                allow_dtype_mix=allow_dtype_mix, exclude=exclude)
     numerics = _Numerics(strict, clamp)
+    everything = ([base_src] if base_src is not None else []) + list(sources)
 
     def read_block(job: TensorJob, start: int, stop: int, which=None):
         idx = range(len(job.models)) if which is None else which
         b = job.base.read(job.name, start, stop) if job.base is not None else None
         return b, [job.models[i].read(job.name, start, stop) for i in idx]
 
-    def release(name: str, start: int, stop: int) -> None:
-        for s in ([base_src] if base_src is not None else []) + sources:
-            s.release(name, start, stop)
-
     def make_job(p: PlannedTensor) -> TensorJob:
         return TensorJob(p.name, p.shape, p.out_dtype, base_src, sources, block_size, read_block)
 
-    metadata = {"weightops_version": __version__, "weightops_method": m.name}
+    metadata = {"weightops_version": __version__, "weightops_method": method.name}
     layout = [(p.name, p.out_dtype, p.shape) for p in plan]
     bytes_read = 0
     with CheckpointWriter(out, layout, shard_size=shard_size, metadata=metadata, force=force) as writer:
         merge_jobs = [make_job(p) for p in plan if p.action == "merge"]
-        model_state = m.prepare_model(merge_jobs, params)
-        total = sum(template.infos[p.name].nbytes * (1 if p.action == "copy" else (n + (base_src is not None)))
-                    for p in plan)
-        with _progress(total, quiet, f"{m.name}") as bar:
+        model_state = method.prepare_model(merge_jobs, params)
+        total = sum(template.infos[p.name].nbytes * (1 if p.action == "copy" else len(everything)) for p in plan)
+        with _progress(total, quiet, method.name) as bar:
             for p in plan:
                 if p.action == "copy":
                     info = template.infos[p.name]
@@ -233,27 +250,29 @@ def merge(models, *, out, base=None, method: str = "linear", weights=None, lam=N
                         bar.update(x.numel() * x.element_size())
                     continue
                 job = make_job(p)
-                state = m.prepare(job, params, model_state)
+                state = method.prepare(job, params, model_state)
                 for start, stop in job.ranges():
                     b, xs = read_block(job, start, stop)
                     numerics.check_inputs(p.name, ([("base", b)] if b is not None else [])
                                           + [(f"model {i + 1}", x) for i, x in enumerate(xs)])
-                    y = m.merge_block(job, params, state, start, b, xs)
+                    y = method.merge_block(job, params, state, start, b, xs)
                     writer.write(p.name, numerics.finalize(p.name, y, p.out_dtype))
                     nb = sum(x.numel() * x.element_size() for x in xs) + (b.numel() * b.element_size() if b is not None else 0)
                     bytes_read += nb
                     bar.update(nb)
-                    release(p.name, start, stop)
+                    for s in everything:
+                        s.release(p.name, start, stop)
         for f in template.sidecar_files():
             writer.add_file(f)
+        for name, obj in (extra_json or {}).items():
+            writer.add_json(name, obj)
         warnings = notes + numerics.messages()
         manifest = {
             "weightops_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": command,
-            "method": m.name,
-            "params": params.as_dict(),
-            "seed": seed,
+            "method": method.name,
+            **(manifest_extra or {}),
             "dtype": str(out_dtype)[6:] if out_dtype else "auto",
             "block_size": block_size,
             "threads": torch.get_num_threads(),
@@ -275,7 +294,7 @@ def merge(models, *, out, base=None, method: str = "linear", weights=None, lam=N
         }
         writer.add_json("weightops.json", manifest)
         writer.commit()
-    for s in ([base_src] if base_src is not None else []) + sources:
+    for s in everything:
         s.close()
     return MergeResult(Path(out), time.perf_counter() - t0, bytes_read, writer.total_bytes, warnings, manifest)
 

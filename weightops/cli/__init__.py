@@ -19,9 +19,17 @@ app = typer.Typer(
 )
 
 # Registration by import: each module adds its commands (or a sub-app) to `app`.
-from weightops.cli import merge as _merge  # noqa: E402,F401
-from weightops.cli import zoo as _zoo  # noqa: E402,F401
-from weightops.cli import doctor as _doctor  # noqa: E402,F401
+from weightops.cli import (  # noqa: E402,F401
+    doctor,
+    graft,
+    intruders,
+    merge,
+    patch,
+    prune,
+    recipes,
+    soup,
+    zoo,
+)
 
 
 def main() -> None:
