@@ -74,8 +74,9 @@ class _StreamHash:
     """sha256 of a file, fed by the reads we do anyway, in whatever order.
 
     Reads at the current position advance the hash; a read beyond it first
-    hashes the gap from the mapping (bytes nobody needed); re-reads of earlier
-    bytes are ignored. `digest()` hashes whatever is left.
+    hashes the gap (bytes no block needed, read with pread so that they do not
+    count in our RSS); re-reads of earlier bytes are ignored. `digest()`
+    hashes whatever is left.
     """
 
     def __init__(self, size: int):
@@ -83,22 +84,24 @@ class _StreamHash:
         self.pos = 0
         self.h = hashlib.sha256()
 
-    def feed(self, view: memoryview, start: int, stop: int) -> None:
+    def feed(self, fd: int, view: memoryview, start: int, stop: int) -> None:
         if stop <= self.pos:
             return
         if start > self.pos:
-            self._fill(view, start)
+            self._fill(fd, start)
         self.h.update(view[self.pos:stop])
         self.pos = stop
 
-    def _fill(self, view: memoryview, until: int) -> None:
+    def _fill(self, fd: int, until: int) -> None:
         while self.pos < until:
-            end = min(until, self.pos + _HASH_CHUNK)
-            self.h.update(view[self.pos:end])
-            self.pos = end
+            chunk = os.pread(fd, min(until - self.pos, _HASH_CHUNK), self.pos)
+            if not chunk:
+                raise CheckpointError("file shrank while being read")
+            self.h.update(chunk)
+            self.pos += len(chunk)
 
-    def digest(self, view: memoryview) -> str:
-        self._fill(view, self.size)
+    def digest(self, fd: int) -> str:
+        self._fill(fd, self.size)
         return self.h.hexdigest()
 
 
@@ -119,7 +122,6 @@ class SafetensorsFile:
         self._mm: mmap.mmap | None = None
         self._view: memoryview | None = None
         self._hash = _StreamHash(self.size)
-        self._hash_header_bytes: bytes | None = None
 
     # -- validation -----------------------------------------------------------------
     def _read_header(self) -> tuple[int, dict]:
@@ -198,7 +200,7 @@ class SafetensorsFile:
         view = self._open()
         b0 = info.start + start * info.itemsize
         b1 = b0 + n * info.itemsize
-        self._hash.feed(view, b0, b1)
+        self._hash.feed(self._fd, view, b0, b1)
         if info.dtype == torch.bool:
             return torch.frombuffer(self._mm, dtype=torch.uint8, count=n, offset=b0).view(torch.bool)
         return torch.frombuffer(self._mm, dtype=info.dtype, count=n, offset=b0)
@@ -216,7 +218,8 @@ class SafetensorsFile:
 
     def sha256(self) -> str:
         """sha256 of the whole file; costs only the bytes no read has hashed yet."""
-        return self._hash.digest(self._open())
+        self._open()
+        return self._hash.digest(self._fd)
 
     def close(self) -> None:
         try:
