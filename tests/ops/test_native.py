@@ -209,3 +209,34 @@ def test_cuda_matches_cpu_reference(consensus):
                      ops.weighted_sum(models, [0.1, 0.2, 0.7]))
     assert torch.equal(ops.philox_keep_mask((9, 9), 3, 1001, 77777, "cuda").cpu(),
                        ops.philox_keep_mask((9, 9), 3, 1001, 77777))
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_every_cpu_isa_matches_reference(isa):
+    W = torch.ops.weightops
+    previous = W._cpu_isa("")
+    try:
+        W._cpu_isa(isa)
+    except RuntimeError as e:
+        pytest.skip(f"{isa} not available on this CPU: {e}")
+    try:
+        assert W._cpu_isa("") == isa
+        base, models = _inputs(20_011, torch.float16, [torch.bfloat16, torch.float16, torch.float32], seed=8)
+        keys = [(11, 12), (13, 14), (2**32 - 1, 0)]
+        for consensus in ("sum", "ties"):
+            kw = dict(offset=2**34 - 37, keys=keys, drop_threshold=ops.drop_threshold(0.5), rescales=[2.0] * 3,
+                      lo=[0.0, 0.001, 0.002], hi=[0.05, math.inf, 0.04], consensus=consensus)
+            for out_dtype in DTYPES:
+                assert_same_bits(*both(ops.delta_merge, base, models, [0.2, 0.3, 0.5], out_dtype=out_dtype, **kw))
+        assert_same_bits(*both(ops.weighted_sum, models, [0.2, 0.3, 0.5], out_dtype=torch.float16))
+        assert torch.equal(*both(ops.abs_histogram, models[0], base))
+        assert torch.equal(*both(ops.philox_keep_mask, (5, 6), 2**34 - 5, 9999, 1 << 23))
+        # Every fp16 bit pattern widened, and fp32 values across the fp16/bf16 ranges narrowed.
+        all_halves = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16)
+        assert_same_bits(*both(ops.weighted_sum, [all_halves], [1.0], out_dtype=torch.float32))
+        g = torch.Generator().manual_seed(9)
+        wide = torch.randn(200_000, generator=g) * torch.logspace(-45, 38, 200_000).float()
+        for out_dtype in (torch.float16, torch.bfloat16):
+            assert_same_bits(*both(ops.weighted_sum, [wide], [1.0], out_dtype=out_dtype))
+    finally:
+        W._cpu_isa(previous)

@@ -1,0 +1,34 @@
+// Table of tile-level loops, one per ISA (see tile_impl.h); chosen at run time.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "weightops/philox.h"
+
+namespace weightops {
+
+enum : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+struct TileKernels {
+  const char* name;
+  void (*philox_words)(uint64_t ctr0, int64_t nctr, uint32_t k0, uint32_t k1, uint32_t* out);
+  void (*load)(int dtype, const void* src, int64_t len, float* dst);
+  void (*store)(int dtype, const float* src, int64_t len, void* dst);
+  void (*masked_delta)(float* x, const float* b, int64_t len, float r, int flags, float lo, float hi,
+                       const uint32_t* words, uint32_t thr);  // flags: 4 lo, 2 hi, 1 drop
+  void (*fill_zero)(float* m, int64_t len);
+  void (*axpy)(float* m, float w, const float* d, int64_t len);
+  void (*ties_vote)(float* num, float* den, const float* s, float w, const float* d, int64_t len);
+  void (*ties_mean)(float* num, const float* den, int64_t len);
+  void (*finish)(float* m, const float* b, float lam, int64_t len);
+  void (*philox_keep)(const uint32_t* words, uint32_t thr, int64_t len, bool* out);
+  void (*abs_bits)(const float* x, const float* b, int64_t len, uint32_t* u);
+};
+
+const TileKernels* tile_kernels_base();
+#if defined(__x86_64__)
+const TileKernels* tile_kernels_avx2();
+const TileKernels* tile_kernels_avx512();
+#endif
+
+}  // namespace weightops

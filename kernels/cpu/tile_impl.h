@@ -1,0 +1,225 @@
+// Tile-level loops of the CPU kernels, compiled once per ISA.
+//
+// tile_base.cpp, tile_avx2.cpp and tile_avx512.cpp include this file inside a
+// `#pragma GCC target` region with WO_ISA set to their namespace; ops_cpu.cpp
+// picks one table at run time (cpuid). That gives the auto-vectoriser wide
+// registers without -march flags on the whole build. Rules for this file:
+//  * no calls into std:: or c10 inline functions: a header function
+//    instantiated here would be compiled for this ISA and could be chosen by
+//    the linker for every caller (illegal instruction on older CPUs);
+//  * every fp32 multiply and add rounds separately (-ffp-contract=off), in the
+//    order of weightops/ops/reference.py; each ISA gives identical bits.
+#ifndef WO_ISA
+#error "define WO_ISA before including tile_impl.h"
+#endif
+
+#include "tile.h"
+
+namespace weightops {
+namespace WO_ISA {
+
+static inline uint32_t f2u(float f) { uint32_t u; __builtin_memcpy(&u, &f, 4); return u; }
+static inline float u2f(uint32_t u) { float f; __builtin_memcpy(&f, &u, 4); return f; }
+
+// ---- Philox4x32-10 over nctr consecutive counters, four words per counter.
+static void philox_words_generic(uint64_t ctr0, int64_t nctr, uint32_t k0, uint32_t k1, uint32_t* out) {
+  constexpr int L = 16;  // lanes in structure-of-arrays form so the multiplies vectorise
+  for (int64_t j = 0; j < nctr; j += L) {
+    uint32_t c0[L], c1[L], c2[L], c3[L];
+    for (int l = 0; l < L; ++l) {
+      uint64_t c = ctr0 + uint64_t(j + l);
+      c0[l] = uint32_t(c), c1[l] = uint32_t(c >> 32), c2[l] = 0, c3[l] = 0;
+    }
+    uint32_t a = k0, b = k1;
+    for (int r = 0; r < 10; ++r) {
+      for (int l = 0; l < L; ++l) {
+        uint64_t p0 = uint64_t(kPhiloxM0) * c0[l], p1 = uint64_t(kPhiloxM1) * c2[l];
+        uint32_t n0 = uint32_t(p1 >> 32) ^ c1[l] ^ a, n2 = uint32_t(p0 >> 32) ^ c3[l] ^ b;
+        c1[l] = uint32_t(p1), c3[l] = uint32_t(p0), c0[l] = n0, c2[l] = n2;
+      }
+      a += kPhiloxW0, b += kPhiloxW1;
+    }
+    int64_t m = nctr - j < L ? nctr - j : L;
+    for (int64_t l = 0; l < m; ++l) {
+      uint32_t* o = out + 4 * (j + l);
+      o[0] = c0[l], o[1] = c1[l], o[2] = c2[l], o[3] = c3[l];
+    }
+  }
+}
+
+#if defined(WO_PHILOX_AVX512)
+// 16 lanes of (hi, lo) = a * m; vpmuludq multiplies the even 32-bit lanes only.
+static inline void mulhilo16(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
+  __m512i pe = _mm512_mul_epu32(a, m), po = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+  lo = _mm512_mask_blend_epi32(0xAAAA, pe, _mm512_slli_epi64(po, 32));
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe, 32), po);
+}
+
+// The compiler does not find this form by itself: 16 counters per register and
+// a 4x4 transpose so the words come out interleaved as the elements need them.
+static void philox_words(uint64_t ctr0, int64_t nctr, uint32_t k0, uint32_t k1, uint32_t* out) {
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
+  int64_t j = 0;
+  for (; j + 16 <= nctr; j += 16) {
+    const uint64_t c = ctr0 + uint64_t(j);
+    const __m512i base_lo = _mm512_set1_epi32(int(uint32_t(c))), base_hi = _mm512_set1_epi32(int(uint32_t(c >> 32)));
+    __m512i c0 = _mm512_add_epi32(base_lo, iota);
+    __mmask16 wrapped = _mm512_cmplt_epu32_mask(c0, base_lo);  // low word overflowed: carry into c1
+    __m512i c1 = _mm512_mask_add_epi32(base_hi, wrapped, base_hi, _mm512_set1_epi32(1));
+    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+    uint32_t a = k0, b = k1;
+    for (int r = 0; r < 10; ++r) {
+      __m512i h0, l0, h1, l1;
+      mulhilo16(c0, m0, h0, l0);
+      mulhilo16(c2, m1, h1, l1);
+      c0 = _mm512_xor_si512(_mm512_xor_si512(h1, c1), _mm512_set1_epi32(int(a)));
+      c2 = _mm512_xor_si512(_mm512_xor_si512(h0, c3), _mm512_set1_epi32(int(b)));
+      c1 = l1, c3 = l0;
+      a += kPhiloxW0, b += kPhiloxW1;
+    }
+    // Per 128-bit lane k: A = counter 4k, B = 4k+1, C = 4k+2, D = 4k+3 (words 0..3).
+    __m512i t01l = _mm512_unpacklo_epi32(c0, c1), t01h = _mm512_unpackhi_epi32(c0, c1);
+    __m512i t23l = _mm512_unpacklo_epi32(c2, c3), t23h = _mm512_unpackhi_epi32(c2, c3);
+    __m512i A = _mm512_unpacklo_epi64(t01l, t23l), B = _mm512_unpackhi_epi64(t01l, t23l);
+    __m512i C = _mm512_unpacklo_epi64(t01h, t23h), D = _mm512_unpackhi_epi64(t01h, t23h);
+    __m512i ABe = _mm512_shuffle_i32x4(A, B, 0x88), ABo = _mm512_shuffle_i32x4(A, B, 0xDD);  // [A0 A2 B0 B2], [A1 A3 B1 B3]
+    __m512i CDe = _mm512_shuffle_i32x4(C, D, 0x88), CDo = _mm512_shuffle_i32x4(C, D, 0xDD);
+    uint32_t* o = out + 4 * j;
+    _mm512_storeu_si512(o, _mm512_shuffle_i32x4(ABe, CDe, 0x88));       // counters 0..3
+    _mm512_storeu_si512(o + 16, _mm512_shuffle_i32x4(ABo, CDo, 0x88));  // 4..7
+    _mm512_storeu_si512(o + 32, _mm512_shuffle_i32x4(ABe, CDe, 0xDD));  // 8..11
+    _mm512_storeu_si512(o + 48, _mm512_shuffle_i32x4(ABo, CDo, 0xDD));  // 12..15
+  }
+  if (j < nctr) philox_words_generic(ctr0 + uint64_t(j), nctr - j, k0, k1, out + 4 * j);
+}
+#else
+static void philox_words(uint64_t ctr0, int64_t nctr, uint32_t k0, uint32_t k1, uint32_t* out) {
+  philox_words_generic(ctr0, nctr, k0, k1, out);
+}
+#endif
+
+// ---- exact widening to fp32 and round-to-nearest-even narrowing.
+static void load(int dtype, const void* src, int64_t len, float* dst) {
+  if (dtype == kF32) {
+    __builtin_memcpy(dst, src, size_t(len) * 4);
+  } else if (dtype == kBF16) {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+    for (int64_t i = 0; i < len; ++i) d[i] = uint32_t(s[i]) << 16;
+  } else {  // fp16: rebias the exponent; subnormals are exact as int * 2^-24
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    for (int64_t i = 0; i < len; ++i) {
+      uint32_t em = s[i] & 0x7FFFu, sign = uint32_t(s[i] & 0x8000u) << 16;
+      uint32_t normal = (em << 13) + 0x38000000u + (em >= 0x7C00u ? 0x38000000u : 0u);  // inf/NaN: exponent 255
+      float sub = float(int32_t(em)) * 5.9604644775390625e-8f;
+      dst[i] = u2f((em < 0x400u ? f2u(sub) : normal) | sign);
+    }
+  }
+}
+
+static void store(int dtype, const float* src, int64_t len, void* dst) {
+  if (dtype == kF32) {
+    __builtin_memcpy(dst, src, size_t(len) * 4);
+  } else if (dtype == kBF16) {
+    uint16_t* d = static_cast<uint16_t*>(dst);
+    for (int64_t i = 0; i < len; ++i) {
+      uint32_t u = f2u(src[i]);
+      uint16_t r = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+      d[i] = src[i] != src[i] ? uint16_t(0x7FC0) : r;
+    }
+  } else {  // fp16: fp16_ieee_from_fp32_value of the FP16 library, which c10::Half uses
+    uint16_t* d = static_cast<uint16_t*>(dst);
+    for (int64_t i = 0; i < len; ++i) {
+      uint32_t w = f2u(src[i]), shl1 = w + w, sign = w & 0x80000000u;
+      float base = (u2f(w & 0x7FFFFFFFu) * 0x1.0p+112f) * 0x1.0p-110f;
+      uint32_t bias = shl1 & 0xFF000000u;
+      bias = bias < 0x71000000u ? 0x71000000u : bias;
+      uint32_t bits = f2u(u2f((bias >> 1) + 0x07800000u) + base);
+      uint32_t nonsign = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
+      d[i] = uint16_t((sign >> 16) | (shl1 > 0xFF000000u ? 0x7E00u : nonsign));
+    }
+  }
+}
+
+// ---- delta_merge pieces. x <- keep ? (x - b) * r : +0, keep = [lo <= |d|] [|d| < hi] [philox].
+template <bool LO, bool HI, bool DROP>
+static void masked_delta_t(float* x, const float* b, int64_t len, float r, float lo, float hi, const uint32_t* w,
+                           uint32_t thr) {
+  for (int64_t i = 0; i < len; ++i) {
+    float d = x[i] - b[i];
+    float a = __builtin_fabsf(d);
+    bool keep = true;
+    if (LO) keep = keep && !(a < lo);
+    if (HI) keep = keep && (a < hi);
+    if (DROP) keep = keep && ((w[i] >> 8) >= thr);
+    x[i] = keep ? d * r : 0.0f;
+  }
+}
+
+static void masked_delta(float* x, const float* b, int64_t len, float r, int flags, float lo, float hi,
+                         const uint32_t* w, uint32_t thr) {
+  switch (flags) {
+    case 0: masked_delta_t<false, false, false>(x, b, len, r, lo, hi, w, thr); break;
+    case 1: masked_delta_t<false, false, true>(x, b, len, r, lo, hi, w, thr); break;
+    case 2: masked_delta_t<false, true, false>(x, b, len, r, lo, hi, w, thr); break;
+    case 3: masked_delta_t<false, true, true>(x, b, len, r, lo, hi, w, thr); break;
+    case 4: masked_delta_t<true, false, false>(x, b, len, r, lo, hi, w, thr); break;
+    case 5: masked_delta_t<true, false, true>(x, b, len, r, lo, hi, w, thr); break;
+    case 6: masked_delta_t<true, true, false>(x, b, len, r, lo, hi, w, thr); break;
+    default: masked_delta_t<true, true, true>(x, b, len, r, lo, hi, w, thr); break;
+  }
+}
+
+static void fill_zero(float* m, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) m[i] = 0.0f;
+}
+
+static void axpy(float* m, float w, const float* d, int64_t len) {  // m = m + w*d, two roundings
+  for (int64_t i = 0; i < len; ++i) m[i] = m[i] + w * d[i];
+}
+
+// TIES: deltas agreeing in sign with the weighted sum s join the weighted mean num / den.
+static void ties_vote(float* num, float* den, const float* s, float w, const float* d, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) {
+    bool agree = s[i] >= 0.0f ? d[i] > 0.0f : d[i] < 0.0f;
+    float nn = num[i] + w * d[i], nd = den[i] + w;
+    num[i] = agree ? nn : num[i];
+    den[i] = agree ? nd : den[i];
+  }
+}
+
+static void ties_mean(float* num, const float* den, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) {
+    float q = num[i] / den[i];
+    num[i] = den[i] != 0.0f ? q : 0.0f;
+  }
+}
+
+static void finish(float* m, const float* b, float lam, int64_t len) {  // b + lam*m
+  for (int64_t i = 0; i < len; ++i) m[i] = b[i] + lam * m[i];
+}
+
+static void philox_keep(const uint32_t* w, uint32_t thr, int64_t len, bool* out) {
+  for (int64_t i = 0; i < len; ++i) out[i] = (w[i] >> 8) >= thr;
+}
+
+// |x - b| as fp32 bits (sign cleared); b may be null.
+static void abs_bits(const float* x, const float* b, int64_t len, uint32_t* u) {
+  if (b) {
+    for (int64_t i = 0; i < len; ++i) u[i] = f2u(x[i] - b[i]) & 0x7FFFFFFFu;
+  } else {
+    for (int64_t i = 0; i < len; ++i) u[i] = f2u(x[i]) & 0x7FFFFFFFu;
+  }
+}
+
+static const TileKernels table = {
+    WO_ISA_NAME, philox_words, load, store, masked_delta, fill_zero, axpy, ties_vote, ties_mean, finish,
+    philox_keep, abs_bits,
+};
+
+}  // namespace WO_ISA
+
+const TileKernels* WO_TABLE_FN() { return &WO_ISA::table; }
+
+}  // namespace weightops
