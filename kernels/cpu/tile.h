@@ -3,11 +3,10 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "weightops/dtypes.h"
 #include "weightops/philox.h"
 
 namespace weightops {
-
-enum : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 struct TileKernels {
   const char* name;

@@ -31,6 +31,7 @@ __all__ = [
 _MODES = ("auto", "reference", "native")
 _mode: str | None = None  # None: not resolved yet (read WEIGHTOPS_KERNELS on first use)
 _DROP_ONE = 1 << 24
+_CUDA_MAX_MODELS = 16  # launch-parameter limit of the CUDA kernels (kernels/cuda/ops_cuda.cu)
 
 
 def use_kernels(mode: str) -> None:
@@ -80,8 +81,10 @@ def _f32(xs) -> list[float]:
     return torch.tensor([float(v) for v in xs], dtype=torch.float64).to(torch.float32).tolist()
 
 
-def _native() -> bool:
-    return kernels_in_use() == "native"
+def _native(x=None, nmodels: int = 0) -> bool:
+    if kernels_in_use() != "native":
+        return False
+    return not (x is not None and x.is_cuda and nmodels > _CUDA_MAX_MODELS)
 
 
 def _check_key(key) -> tuple[int, int]:
@@ -147,7 +150,7 @@ def delta_merge(base, models: list, weights: list[float], *, offset: int = 0,
     rescales = _f32(rescales) if rescales is not None else [1.0] * n
     lo = _f32(lo) if lo is not None else None
     hi = _f32(hi) if hi is not None else None
-    if _native():
+    if _native(base, n):
         out = torch.ops.weightops.delta_merge(flat_base, flat_models, weights, offset, [k for kk in keys for k in kk],
                                               thr, rescales, lo, hi, consensus, lam, out_dtype)
     else:
@@ -166,7 +169,7 @@ def weighted_sum(xs: list, weights: list[float], out_dtype=None) -> torch.Tensor
     out_dtype = out_dtype or xs[0].dtype
     flat = [x.reshape(-1) for x in xs]
     weights = _f32(weights)
-    if _native():
+    if _native(xs[0], len(xs)):
         out = torch.ops.weightops.weighted_sum(flat, weights, out_dtype)
     else:
         out = _ref.weighted_sum(flat, weights, out_dtype)
