@@ -67,16 +67,20 @@ static void philox_words(uint64_t ctr0, int64_t nctr, uint32_t k0, uint32_t k1, 
     __m512i c0 = _mm512_add_epi32(base_lo, iota);
     __mmask16 wrapped = _mm512_cmplt_epu32_mask(c0, base_lo);  // low word overflowed: carry into c1
     __m512i c1 = _mm512_mask_add_epi32(base_hi, wrapped, base_hi, _mm512_set1_epi32(1));
-    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+    // Round 1 with c2 = c3 = 0 (so M1 * c2 = 0), then nine full rounds; 0x96 = three-way xor.
+    __m512i h0, l0, h1, l1;
+    mulhilo16(c0, m0, h0, l0);
+    c0 = _mm512_xor_si512(c1, _mm512_set1_epi32(int(k0)));
+    __m512i c2 = _mm512_xor_si512(h0, _mm512_set1_epi32(int(k1))), c3 = l0;
+    c1 = _mm512_setzero_si512();
     uint32_t a = k0, b = k1;
-    for (int r = 0; r < 10; ++r) {
-      __m512i h0, l0, h1, l1;
+    for (int r = 1; r < 10; ++r) {
+      a += kPhiloxW0, b += kPhiloxW1;
       mulhilo16(c0, m0, h0, l0);
       mulhilo16(c2, m1, h1, l1);
-      c0 = _mm512_xor_si512(_mm512_xor_si512(h1, c1), _mm512_set1_epi32(int(a)));
-      c2 = _mm512_xor_si512(_mm512_xor_si512(h0, c3), _mm512_set1_epi32(int(b)));
+      c0 = _mm512_ternarylogic_epi32(h1, c1, _mm512_set1_epi32(int(a)), 0x96);
+      c2 = _mm512_ternarylogic_epi32(h0, c3, _mm512_set1_epi32(int(b)), 0x96);
       c1 = l1, c3 = l0;
-      a += kPhiloxW0, b += kPhiloxW1;
     }
     // Per 128-bit lane k: A = counter 4k, B = 4k+1, C = 4k+2, D = 4k+3 (words 0..3).
     __m512i t01l = _mm512_unpacklo_epi32(c0, c1), t01h = _mm512_unpackhi_epi32(c0, c1);
