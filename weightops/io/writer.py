@@ -70,8 +70,9 @@ def _disk_error(e: OSError, where: Path) -> OutputError:
 class CheckpointWriter:
     """Write tensors (in the given layout order) to `out_dir`, atomically."""
 
-    def __init__(self, out_dir, layout, *, shard_size="5GB", metadata=None, force=False):
+    def __init__(self, out_dir, layout, *, shard_size="5GB", metadata=None, force=False, file_name=SINGLE_NAME):
         self.out_dir = Path(out_dir)
+        self.file_name = file_name  # the name of an unsharded output (patches and adapters use their own)
         if self.out_dir.exists() and not force:
             raise OutputError(f"{self.out_dir} exists; pass --force to replace it")
         self.force = force
@@ -108,7 +109,7 @@ class CheckpointWriter:
 
     def shard_name(self, i: int) -> str:
         if self.n_shards == 1:
-            return SINGLE_NAME
+            return self.file_name
         return f"model-{i + 1:05d}-of-{self.n_shards:05d}.safetensors"
 
     def _header(self, shard: int) -> bytes:
