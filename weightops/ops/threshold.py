@@ -26,7 +26,13 @@ def _locate(hist: torch.Tensor, k: int) -> tuple[int, int]:
     return 65535 - j, k - before
 
 
-def kth_largest_abs(make_stream: Callable[[], Iterable], ks: list[int]) -> list[float]:
+def kth_largest_abs(make_stream: Callable[[], Iterable], ks: list[int], with_counts: bool = False) -> list:
+    """k-th largest |x - base| for each k (inf for k <= 0, 0.0 for k > total).
+
+    with_counts: return (value, n_above) pairs instead, n_above = how many
+    elements are strictly larger than the value (so k - n_above of the
+    elements equal to it are needed to select exactly k); needs k <= total.
+    """
     from weightops.ops import abs_histogram
 
     coarse = torch.zeros(65536, dtype=torch.int64)
@@ -35,17 +41,20 @@ def kth_largest_abs(make_stream: Callable[[], Iterable], ks: list[int]) -> list[
     total = int(coarse.sum())
 
     out: list[float | None] = [None] * len(ks)
+    above: list[int] = [0] * len(ks)
     want: dict[int, list[tuple[int, int]]] = {}  # prefix -> [(index into ks, rank in bucket)]
     for i, k in enumerate(ks):
         if k <= 0:
             out[i] = math.inf
         elif k > total:
+            if with_counts:
+                raise ValueError(f"with_counts needs k <= {total} (the number of elements), got {k}")
             out[i] = 0.0
         else:
             prefix, rank = _locate(coarse, k)
             want.setdefault(prefix, []).append((i, rank))
     if not want:
-        return out
+        return list(zip(out, above)) if with_counts else out
 
     fine = {p: torch.zeros(65536, dtype=torch.int64) for p in want}
     for x, base in make_stream():
@@ -53,6 +62,7 @@ def kth_largest_abs(make_stream: Callable[[], Iterable], ks: list[int]) -> list[
             fine[p] += abs_histogram(x, base, p).cpu()
     for p, items in want.items():
         for i, rank in items:
-            low, _ = _locate(fine[p], rank)
+            low, rank_in_bin = _locate(fine[p], rank)
             out[i] = struct.unpack("<f", struct.pack("<I", (p << 16) | low))[0]
-    return out
+            above[i] = ks[i] - rank_in_bin
+    return list(zip(out, above)) if with_counts else out
