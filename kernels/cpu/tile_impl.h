@@ -153,10 +153,10 @@ static void masked_delta_t(float* x, const float* b, int64_t len, float r, float
   for (int64_t i = 0; i < len; ++i) {
     float d = x[i] - b[i];
     float a = __builtin_fabsf(d);
-    bool keep = true;
-    if (LO) keep = keep && !(a < lo);
-    if (HI) keep = keep && (a < hi);
-    if (DROP) keep = keep && ((w[i] >> 8) >= thr);
+    bool keep = true;  // bitwise &, not &&: no branches, so the loop vectorises
+    if (LO) keep &= !(a < lo);
+    if (HI) keep &= a < hi;
+    if (DROP) keep &= (w[i] >> 8) >= thr;
     x[i] = keep ? d * r : 0.0f;
   }
 }
@@ -186,7 +186,8 @@ static void axpy(float* m, float w, const float* d, int64_t len) {  // m = m + w
 // TIES: deltas agreeing in sign with the weighted sum s join the weighted mean num / den.
 static void ties_vote(float* num, float* den, const float* s, float w, const float* d, int64_t len) {
   for (int64_t i = 0; i < len; ++i) {
-    bool agree = s[i] >= 0.0f ? d[i] > 0.0f : d[i] < 0.0f;
+    const bool pos = s[i] >= 0.0f;
+    const bool agree = (pos & (d[i] > 0.0f)) | (!pos & (d[i] < 0.0f));  // branch-free: vectorises
     float nn = num[i] + w * d[i], nd = den[i] + w;
     num[i] = agree ? nn : num[i];
     den[i] = agree ? nd : den[i];
