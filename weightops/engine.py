@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import re
 import sys
@@ -119,34 +120,53 @@ def plan_tensors(template, models, *, out_dtype, allow_missing, allow_dtype_mix,
 
 
 class _Numerics:
-    """Input NaN/Inf warnings (or errors with strict) and output range checks."""
+    """NaN/Inf in the inputs and the output dtype's range, at the cost of one reduction per block.
+
+    By default only the merged block is checked (one aminmax, which also gives
+    the range check); when it holds NaN/Inf the inputs are scanned to name the
+    culprits. A NaN that a DARE drop or a trim removes therefore goes
+    unreported unless `strict`, which checks every input block exactly first.
+    """
 
     def __init__(self, strict: bool, clamp: bool):
         self.strict, self.clamp = strict, clamp
         self.nonfinite: dict[str, list[str]] = {}
         self.clamped: dict[str, int] = {}
 
-    def check_inputs(self, name: str, blocks: list[tuple[str, torch.Tensor]]) -> None:
+    def _scan_inputs(self, name: str, blocks: list[tuple[str, torch.Tensor]]) -> bool:
+        found = False
         for who, x in blocks:
-            if x is None or not x.is_floating_point() or x.numel() == 0:
+            if x is None or not x.is_floating_point() or x.numel() == 0 or bool(torch.isfinite(x).all()):
                 continue
-            if not bool(torch.isfinite(x).all()):
-                if self.strict:
-                    raise NumericError(f"NaN/Inf in tensor '{name}' of {who} (--strict)")
-                self.nonfinite.setdefault(name, [])
-                if who not in self.nonfinite[name]:
-                    self.nonfinite[name].append(who)
+            found = True
+            if self.strict:
+                raise NumericError(f"NaN/Inf in tensor '{name}' of {who} (--strict)")
+            self.nonfinite.setdefault(name, [])
+            if who not in self.nonfinite[name]:
+                self.nonfinite[name].append(who)
+        return found
 
-    def finalize(self, name: str, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def before(self, name: str, blocks: list[tuple[str, torch.Tensor]]) -> None:
+        if self.strict:
+            self._scan_inputs(name, blocks)
+
+    def finalize(self, name: str, x: torch.Tensor, out_dtype: torch.dtype, inputs=()) -> torch.Tensor:
+        if x.numel() == 0:
+            return x.to(out_dtype)
+        lo, hi = torch.aminmax(x)
+        lo, hi = lo.item(), hi.item()
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            if not self._scan_inputs(name, list(inputs)):
+                self.nonfinite.setdefault(name, []).append("the merge itself (overflow)")
+            return x.to(out_dtype)
         if out_dtype in (torch.float16, torch.bfloat16):
             fmax = torch.finfo(out_dtype).max
-            over = x.abs() > fmax
-            n_over = int(over.sum())
-            if n_over:
+            if max(-lo, hi) > fmax:
+                n_over = int((x.abs() > fmax).sum())
                 if not self.clamp:
                     raise NumericError(
                         f"tensor '{name}': {n_over} merged value(s) exceed the {str(out_dtype)[6:]} range "
-                        f"(max |x| = {x.abs().max().item():.4g}); pass --clamp to clamp them or --dtype float32"
+                        f"(max |x| = {max(-lo, hi):.4g}); pass --clamp to clamp them or --dtype float32"
                     )
                 x = x.clamp(-fmax, fmax)
                 self.clamped[name] = self.clamped.get(name, 0) + n_over
@@ -253,10 +273,10 @@ def run_streaming(method: Method, params, base_src, sources: list, *, out, dtype
                 state = method.prepare(job, params, model_state)
                 for start, stop in job.ranges():
                     b, xs = read_block(job, start, stop)
-                    numerics.check_inputs(p.name, ([("base", b)] if b is not None else [])
-                                          + [(f"model {i + 1}", x) for i, x in enumerate(xs)])
+                    named = ([("base", b)] if b is not None else []) + [(f"model {i + 1}", x) for i, x in enumerate(xs)]
+                    numerics.before(p.name, named)
                     y = method.merge_block(job, params, state, start, b, xs)
-                    writer.write(p.name, numerics.finalize(p.name, y, p.out_dtype))
+                    writer.write(p.name, numerics.finalize(p.name, y, p.out_dtype, named))
                     nb = sum(x.numel() * x.element_size() for x in xs) + (b.numel() * b.element_size() if b is not None else 0)
                     bytes_read += nb
                     bar.update(nb)

@@ -34,19 +34,25 @@ class LoraFactor:
     rank: int
     alpha: float
 
-    def delta(self, shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
-        """Flat elements [start, stop) of ΔW, in fp32."""
-        if stop <= start:
-            return torch.empty(0, dtype=torch.float32)
-        cols = shape[1]
-        r0, r1 = start // cols, (stop - 1) // cols + 1
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) in fp32 with ΔW = scale · B @ A in the base's layout (transposition applied)."""
         A = self.a.file.read(self.a, 0, self.a.numel).reshape(self.a.shape).float()
         B = self.b.file.read(self.b, 0, self.b.numel).reshape(self.b.shape).float()
-        if self.transpose:  # ΔW = (B @ A)ᵀ: its rows are A's columns
-            rows = (A[:, r0:r1].T @ B.T) * self.scale
-        else:
-            rows = (B[r0:r1] @ A) * self.scale
-        return rows.reshape(-1)[start - r0 * cols : stop - r0 * cols]
+        return (A.T, B.T) if self.transpose else (B, A)  # ΔW = (B @ A)ᵀ = Aᵀ @ Bᵀ
+
+    def delta(self, shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
+        """Flat elements [start, stop) of ΔW, in fp32."""
+        B, A = self.factors()
+        return lowrank_block(B, A, shape[1], start, stop, self.scale)
+
+
+def lowrank_block(B: torch.Tensor, A: torch.Tensor, cols: int, start: int, stop: int, scale: float = 1.0) -> torch.Tensor:
+    """Flat elements [start, stop) of scale · B @ A (fp32), computing only the rows the block covers."""
+    if stop <= start:
+        return torch.empty(0, dtype=torch.float32)
+    r0, r1 = start // cols, (stop - 1) // cols + 1
+    rows = (B[r0:r1].float() @ A.float()) * scale
+    return rows.reshape(-1)[start - r0 * cols : stop - r0 * cols]
 
 
 def _pattern_value(patterns: dict, module: str, default):

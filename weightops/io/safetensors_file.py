@@ -14,7 +14,9 @@ import hashlib
 import json
 import mmap
 import os
+import queue
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,11 +65,59 @@ class TensorInfo:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def is_float(self) -> bool:
         return self.dtype in FLOAT_DTYPES
+
+
+class _Background:
+    """One thread that hashes consumed blocks and then drops their pages, in order.
+
+    hashlib releases the GIL, so hashing overlaps with the merge arithmetic.
+    A page release queued after a block's hash runs only once that hash is
+    done, so pages are never faulted in twice; the bounded queue keeps the
+    reader at most a few blocks ahead, which bounds RSS.
+    """
+
+    def __init__(self, depth: int = 16):
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="weightops-hash", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            fn = self.q.get()
+            try:
+                if self.error is None:
+                    fn()
+            except BaseException as e:  # surfaced by the next flush()
+                self.error = e
+            finally:
+                self.q.task_done()
+
+    def submit(self, fn) -> None:
+        self.q.put(fn)
+
+    def flush(self) -> None:
+        self.q.join()
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
+
+
+_BACKGROUND: _Background | None = None
+_BACKGROUND_LOCK = threading.Lock()
+
+
+def _background() -> _Background:
+    global _BACKGROUND
+    with _BACKGROUND_LOCK:
+        if _BACKGROUND is None or not _BACKGROUND.thread.is_alive():
+            _BACKGROUND = _Background()
+        return _BACKGROUND
 
 
 class _StreamHash:
@@ -200,7 +250,8 @@ class SafetensorsFile:
         view = self._open()
         b0 = info.start + start * info.itemsize
         b1 = b0 + n * info.itemsize
-        self._hash.feed(self._fd, view, b0, b1)
+        fd, h = self._fd, self._hash
+        _background().submit(lambda: h.feed(fd, view, b0, b1))
         if info.dtype == torch.bool:
             return torch.frombuffer(self._mm, dtype=torch.uint8, count=n, offset=b0).view(torch.bool)
         return torch.frombuffer(self._mm, dtype=info.dtype, count=n, offset=b0)
@@ -214,14 +265,17 @@ class SafetensorsFile:
         p0 = (b0 + _PAGE - 1) // _PAGE * _PAGE  # only whole pages: neighbours may still be in use
         p1 = b1 // _PAGE * _PAGE
         if p1 > p0:
-            self._mm.madvise(mmap.MADV_DONTNEED, p0, p1 - p0)
+            mm = self._mm
+            _background().submit(lambda: mm.madvise(mmap.MADV_DONTNEED, p0, p1 - p0))
 
     def sha256(self) -> str:
         """sha256 of the whole file; costs only the bytes no read has hashed yet."""
         self._open()
+        _background().flush()
         return self._hash.digest(self._fd)
 
     def close(self) -> None:
+        _background().flush()
         try:
             if self._view is not None:
                 self._view.release()

@@ -21,7 +21,7 @@ import torch
 
 from weightops.errors import OutputError
 from weightops.io.checkpoint import INDEX_NAME, SINGLE_NAME
-from weightops.io.safetensors_file import DTYPE_NAMES
+from weightops.io.safetensors_file import DTYPE_NAMES, _background
 
 
 @dataclass
@@ -145,7 +145,8 @@ class CheckpointWriter:
         except OSError as err:
             self.abort()
             raise _disk_error(err, self.out_dir) from None
-        e.sha.update(mv)
+        sha = e.sha
+        _background().submit(lambda: sha.update(mv))  # mv keeps the block alive until hashed
         e.written += len(mv)
         if e.written > e.nbytes:
             raise RuntimeError(f"{name}: wrote {e.written} bytes, layout has {e.nbytes}")
@@ -162,6 +163,7 @@ class CheckpointWriter:
             self._cursor += 1
 
     def tensor_sha256(self) -> dict[str, str]:
+        _background().flush()
         return {e.name: e.sha.hexdigest() for e in self.entries}
 
     def add_file(self, src: Path) -> None:
