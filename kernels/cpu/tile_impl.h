@@ -48,52 +48,54 @@ static void philox_words_generic(uint64_t ctr0, int64_t nctr, uint32_t k0, uint3
 }
 
 #if defined(WO_PHILOX_AVX512)
-// 16 lanes of (hi, lo) = a * m; vpmuludq multiplies the even 32-bit lanes only.
-static inline void mulhilo16(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
-  __m512i pe = _mm512_mul_epu32(a, m), po = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
-  lo = _mm512_mask_blend_epi32(0xAAAA, pe, _mm512_slli_epi64(po, 32));
-  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe, 32), po);
+// Eight counters in the 64-bit lanes of each register: vpmuludq reads only the
+// low 32 bits of a lane, so the high halves may hold garbage and no masking or
+// blending is needed between rounds. Two groups (A, B) in flight for ILP.
+struct Philox8 {
+  __m512i c0, c1, c2, c3;
+};
+
+static inline void philox8_rounds(Philox8& s, uint32_t k0, uint32_t k1) {
+  const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
+  // Round 1 has c2 = c3 = 0, so M1 * c2 = 0.
+  __m512i p0 = _mm512_mul_epu32(s.c0, m0);
+  s.c0 = _mm512_xor_si512(s.c1, _mm512_set1_epi32(int(k0)));
+  s.c2 = _mm512_xor_si512(_mm512_srli_epi64(p0, 32), _mm512_set1_epi32(int(k1)));
+  s.c1 = _mm512_setzero_si512();
+  s.c3 = p0;
+  for (int r = 1; r < 10; ++r) {
+    k0 += kPhiloxW0, k1 += kPhiloxW1;
+    p0 = _mm512_mul_epu32(s.c0, m0);
+    __m512i p1 = _mm512_mul_epu32(s.c2, m1);
+    s.c0 = _mm512_ternarylogic_epi32(_mm512_srli_epi64(p1, 32), s.c1, _mm512_set1_epi32(int(k0)), 0x96);  // 3-way xor
+    s.c2 = _mm512_ternarylogic_epi32(_mm512_srli_epi64(p0, 32), s.c3, _mm512_set1_epi32(int(k1)), 0x96);
+    s.c1 = p1;
+    s.c3 = p0;
+  }
 }
 
-// The compiler does not find this form by itself: 16 counters per register and
-// a 4x4 transpose so the words come out interleaved as the elements need them.
+// Writes the 32 words of the 8 counters in element order: w0 w1 w2 w3 of counter 0, then counter 1...
+static inline void philox8_store(const Philox8& s, uint32_t* out) {
+  __m512i w01 = _mm512_mask_blend_epi32(0xAAAA, s.c0, _mm512_slli_epi64(s.c1, 32));  // lane j: (w0, w1)
+  __m512i w23 = _mm512_mask_blend_epi32(0xAAAA, s.c2, _mm512_slli_epi64(s.c3, 32));  // lane j: (w2, w3)
+  __m512i even = _mm512_unpacklo_epi64(w01, w23), odd = _mm512_unpackhi_epi64(w01, w23);  // counters 0,2,4,6 | 1,3,5,7
+  _mm512_storeu_si512(out, _mm512_permutex2var_epi64(even, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), odd));
+  _mm512_storeu_si512(out + 16, _mm512_permutex2var_epi64(even, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), odd));
+}
+
+static inline Philox8 philox8_counters(uint64_t c) {
+  const __m512i ctr = _mm512_add_epi64(_mm512_set1_epi64(int64_t(c)), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+  return Philox8{ctr, _mm512_srli_epi64(ctr, 32), _mm512_setzero_si512(), _mm512_setzero_si512()};
+}
+
 static void philox_words(uint64_t ctr0, int64_t nctr, uint32_t k0, uint32_t k1, uint32_t* out) {
-  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
   int64_t j = 0;
   for (; j + 16 <= nctr; j += 16) {
-    const uint64_t c = ctr0 + uint64_t(j);
-    const __m512i base_lo = _mm512_set1_epi32(int(uint32_t(c))), base_hi = _mm512_set1_epi32(int(uint32_t(c >> 32)));
-    __m512i c0 = _mm512_add_epi32(base_lo, iota);
-    __mmask16 wrapped = _mm512_cmplt_epu32_mask(c0, base_lo);  // low word overflowed: carry into c1
-    __m512i c1 = _mm512_mask_add_epi32(base_hi, wrapped, base_hi, _mm512_set1_epi32(1));
-    // Round 1 with c2 = c3 = 0 (so M1 * c2 = 0), then nine full rounds; 0x96 = three-way xor.
-    __m512i h0, l0, h1, l1;
-    mulhilo16(c0, m0, h0, l0);
-    c0 = _mm512_xor_si512(c1, _mm512_set1_epi32(int(k0)));
-    __m512i c2 = _mm512_xor_si512(h0, _mm512_set1_epi32(int(k1))), c3 = l0;
-    c1 = _mm512_setzero_si512();
-    uint32_t a = k0, b = k1;
-    for (int r = 1; r < 10; ++r) {
-      a += kPhiloxW0, b += kPhiloxW1;
-      mulhilo16(c0, m0, h0, l0);
-      mulhilo16(c2, m1, h1, l1);
-      c0 = _mm512_ternarylogic_epi32(h1, c1, _mm512_set1_epi32(int(a)), 0x96);
-      c2 = _mm512_ternarylogic_epi32(h0, c3, _mm512_set1_epi32(int(b)), 0x96);
-      c1 = l1, c3 = l0;
-    }
-    // Per 128-bit lane k: A = counter 4k, B = 4k+1, C = 4k+2, D = 4k+3 (words 0..3).
-    __m512i t01l = _mm512_unpacklo_epi32(c0, c1), t01h = _mm512_unpackhi_epi32(c0, c1);
-    __m512i t23l = _mm512_unpacklo_epi32(c2, c3), t23h = _mm512_unpackhi_epi32(c2, c3);
-    __m512i A = _mm512_unpacklo_epi64(t01l, t23l), B = _mm512_unpackhi_epi64(t01l, t23l);
-    __m512i C = _mm512_unpacklo_epi64(t01h, t23h), D = _mm512_unpackhi_epi64(t01h, t23h);
-    __m512i ABe = _mm512_shuffle_i32x4(A, B, 0x88), ABo = _mm512_shuffle_i32x4(A, B, 0xDD);  // [A0 A2 B0 B2], [A1 A3 B1 B3]
-    __m512i CDe = _mm512_shuffle_i32x4(C, D, 0x88), CDo = _mm512_shuffle_i32x4(C, D, 0xDD);
-    uint32_t* o = out + 4 * j;
-    _mm512_storeu_si512(o, _mm512_shuffle_i32x4(ABe, CDe, 0x88));       // counters 0..3
-    _mm512_storeu_si512(o + 16, _mm512_shuffle_i32x4(ABo, CDo, 0x88));  // 4..7
-    _mm512_storeu_si512(o + 32, _mm512_shuffle_i32x4(ABe, CDe, 0xDD));  // 8..11
-    _mm512_storeu_si512(o + 48, _mm512_shuffle_i32x4(ABo, CDo, 0xDD));  // 12..15
+    Philox8 a = philox8_counters(ctr0 + uint64_t(j)), b = philox8_counters(ctr0 + uint64_t(j) + 8);
+    philox8_rounds(a, k0, k1);
+    philox8_rounds(b, k0, k1);
+    philox8_store(a, out + 4 * j);
+    philox8_store(b, out + 4 * j + 32);
   }
   if (j < nctr) philox_words_generic(ctr0 + uint64_t(j), nctr - j, k0, k1, out + 4 * j);
 }
