@@ -148,29 +148,29 @@ def _write_model(base, finetuned, params, method, dpp, *, out, dtype, shard_size
     from weightops.engine import run_streaming
 
     b, ft = _sources(base, finetuned)
-    counter = _Counting(RULES[method])
+    log = {**dpp, "kept": 0, "total": 0}  # filled in as blocks go by; the manifest is written at the end
+    counter = _Counting(RULES[method], log)
     res = run_streaming(counter, params, b, [ft], out=out, dtype=dtype, shard_size=shard_size, block_size=block_size,
                         kernels=kernels, exclude=exclude, force=force, quiet=quiet, command=command,
                         manifest_extra={"method": counter.name, "params": params.as_dict(), "seed": params.seed,
-                                        "dpp": {**dpp, "kept": counter.kept, "total": counter.total}})
-    return PruneResult(res.out, "model", res.seconds, counter.kept, counter.total, res.bytes_written, _ft_bytes(ft),
-                       res.manifest.get("dpp", dpp), res.warnings)
+                                        "dpp": log})
+    return PruneResult(res.out, "model", res.seconds, log["kept"], log["total"], res.bytes_written, _ft_bytes(ft),
+                       log, res.warnings)
 
 
 class _Counting:
     """Wraps a Prune method to count the kept (changed) delta elements as blocks go by."""
 
-    def __init__(self, method):
-        self.m = method
-        self.kept = self.total = 0
+    def __init__(self, method, log: dict):
+        self.m, self.log = method, log
 
     def __getattr__(self, k):
         return getattr(self.m, k)
 
     def merge_block(self, job, p, st, start, base, models):
         y = self.m.merge_block(job, p, st, start, base, models)
-        self.kept += int((y != base.float().reshape(y.shape)).sum())
-        self.total += y.numel()
+        self.log["kept"] += int((y != base.float().reshape(y.shape)).sum())
+        self.log["total"] += y.numel()
         return y
 
 
