@@ -98,7 +98,7 @@ def apply_mask(base, finetuned, mask, out, *, dtype=None, shard_size="5GB", bloc
 
 
 def apply_sparse_delta(base, deltas, out, *, scales=None, dtype=None, shard_size="5GB", block_size=None,
-                       force=False, quiet=False, command=None, manifest_extra=None):
+                       force=False, quiet=False, command=None, manifest_extra=None, extra_json=None):
     """θ0 + Σ s_i·δ_i for sparse deltas (paths or SparseFiles; one or several); returns the MergeResult."""
     from weightops.engine import run_streaming
     from weightops.io.checkpoint import Checkpoint
@@ -123,7 +123,7 @@ def apply_sparse_delta(base, deltas, out, *, scales=None, dtype=None, shard_size
              **(manifest_extra or {})}
     res = run_streaming(SparseAdd(ds, scales), None, base_src, [], out=out, dtype=dtype, shard_size=shard_size,
                         block_size=block_size, exclude=scope_exclude(scope, base_src.infos), force=force, quiet=quiet,
-                        command=command, manifest_extra=extra)
+                        command=command, manifest_extra=extra, extra_json=extra_json)
     for d in ds:
         res.warnings.extend(_fingerprint_warnings(d, res.manifest))
     return res
