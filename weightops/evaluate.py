@@ -415,6 +415,28 @@ def perplexity(model, text: str, *, max_length: int = 512, limit: int | None = N
     return math.exp(nll / count)
 
 
+# --- labelled data for methods that train on held-out data (learned soups) --------------
+def supervised_data(spec: str):
+    """(rows of (text, label), tokenizer dir or None, max_length) behind a zoo: or seqcls: spec."""
+    if not isinstance(spec, str) or not spec.startswith(("zoo:", "seqcls:")):
+        raise WeightopsError(f"training on held-out data needs a zoo:<task>[:<split>] or seqcls:<file> spec, got {spec!r}")
+    kind, _, rest = spec.partition(":")
+    if kind == "zoo":
+        parts = rest.split(":")
+        split = parts[1] if len(parts) > 1 and parts[1] else "validation"
+        limit = int(parts[2]) if len(parts) > 2 and parts[2] else None
+        from weightops.zoo.runtime import pretrained_dir
+        from weightops.zoo.tasks import TASKS, load_task
+        from weightops.zoo.train import MAX_LEN
+
+        if parts[0] not in TASKS:
+            raise WeightopsError(f"unknown zoo task '{parts[0]}'; tasks are {', '.join(TASKS)}")
+        return load_task(parts[0])[split][:limit], str(pretrained_dir()), MAX_LEN
+    target, opts = _options(rest)
+    rows = read_labelled(target)[:_int_opt(opts, "limit", None)]
+    return rows, opts.get("tokenizer"), _int_opt(opts, "max_length", 128)
+
+
 # --- scratch candidates ---------------------------------------------------------------
 def scratch_root() -> Path:
     """Where candidates live while scored: $WEIGHTOPS_SCRATCH, /dev/shm (RAM) when writable, else the temp dir."""
