@@ -242,10 +242,22 @@ def run_streaming(method: Method, params, base_src, sources: list, *, out, dtype
     numerics = _Numerics(strict, clamp)
     everything = ([base_src] if base_src is not None else []) + list(sources)
 
-    def read_block(job: TensorJob, start: int, stop: int, which=None):
+    bars = {"stats": None}  # the bar that statistics passes (job.blocks) report to
+
+    def read_main(job: TensorJob, start: int, stop: int, which=None):
         idx = range(len(job.models)) if which is None else which
         b = job.base.read(job.name, start, stop) if job.base is not None else None
         return b, [job.models[i].read(job.name, start, stop) for i in idx]
+
+    def read_block(job: TensorJob, start: int, stop: int, which=None):
+        b, xs = read_main(job, start, stop, which)
+        bar = bars["stats"]
+        if bar is not None:
+            nb = sum(x.numel() * x.element_size() for x in xs) + (b.numel() * b.element_size() if b is not None else 0)
+            if bar.total is not None:
+                bar.total += nb
+            bar.update(nb)
+        return b, xs
 
     def make_job(p: PlannedTensor) -> TensorJob:
         return TensorJob(p.name, p.shape, p.out_dtype, base_src, sources, block_size, read_block)
@@ -255,10 +267,13 @@ def run_streaming(method: Method, params, base_src, sources: list, *, out, dtype
     bytes_read = 0
     with CheckpointWriter(out, layout, shard_size=shard_size, metadata=metadata, force=force) as writer:
         merge_jobs = [make_job(p) for p in plan if p.action == "merge"]
-        model_state = method.prepare_model(merge_jobs, params)
+        with _progress(None, quiet, f"{method.name}: model-wide statistics") as bars["stats"]:
+            model_state = method.prepare_model(merge_jobs, params)
         total = sum(template.infos[p.name].nbytes * (1 if p.action == "copy" else len(everything)) for p in plan)
         with _progress(total, quiet, method.name) as bar:
-            for p in plan:
+            bars["stats"] = bar
+            for ti, p in enumerate(plan):
+                bar.set_postfix_str(f"tensor {ti + 1}/{len(plan)}", refresh=False)
                 if p.action == "copy":
                     info = template.infos[p.name]
                     for start in range(0, info.numel, block_size):
@@ -272,7 +287,7 @@ def run_streaming(method: Method, params, base_src, sources: list, *, out, dtype
                 job = make_job(p)
                 state = method.prepare(job, params, model_state)
                 for start, stop in job.ranges():
-                    b, xs = read_block(job, start, stop)
+                    b, xs = read_main(job, start, stop)
                     named = ([("base", b)] if b is not None else []) + [(f"model {i + 1}", x) for i, x in enumerate(xs)]
                     numerics.before(p.name, named)
                     y = method.merge_block(job, params, state, start, b, xs)
