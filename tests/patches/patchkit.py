@@ -61,3 +61,27 @@ def versions(tmp_path_factory):
            "v1": write_model(root / "v1", v1), "v2": write_model(root / "v2", v2, shards=2), "ft": write_model(root / "ft", ft)}
     out["adapter"] = make_adapter(v1, root / "adapter")
     return out
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """Run `weightops ARGS` in this process (no interpreter start-up): (exit code, stdout, stderr)."""
+    from weightops.cli import main
+
+    old, sys.argv = sys.argv, ["weightops", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_error_line(code: int, err: str) -> str:
+    """The CLI's contract for bad input: exit 2 and exactly one `error: ...` line on stderr."""
+    assert code == 2, err
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]

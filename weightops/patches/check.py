@@ -90,7 +90,7 @@ class CheckReport:
         parts = []
         by = {k: [p for p in self.problems if p["problem"] == k] for k in ("missing", "collision", "shape", "dtype")}
         if by["missing"]:
-            parts.append(f"{len(by['missing'])} patch target(s) are not in {self.target}: "
+            parts.append(f"{len(by['missing'])} patch target(s) are missing: "
                          f"{_names([p['target'] for p in by['missing']])} (map renamed modules with --rename 'PATTERN=>REPLACEMENT')")
         if by["collision"]:
             parts.append(f"rename rules map several targets onto {_names([p['target'] for p in by['collision']])}")
