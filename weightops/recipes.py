@@ -22,7 +22,8 @@ options, run in order under one progress display, then a summary table.
 Resolvers: `${env:NAME}`, `${here}` (the recipe's directory), `${zoo:NAME}`
 (the zoo model's directory, built on demand). A string that is exactly one
 `${name}` takes the variable's value with its YAML type. YAML anchors and
-merge keys (`&x`, `*x`, `<<: *x`) work as usual. Relative paths are relative
+merge keys (`&x`, `*x`, `<<: *x`) work as usual; top-level keys starting
+with `x-` are ignored, a place to define anchors. Relative paths are relative
 to the working directory, as on the command line.
 
 Every step's options are checked against its function's signature before
@@ -155,9 +156,10 @@ def _read_yaml(path: Path) -> dict:
         raise RecipeError(f"{path}: invalid YAML{where} ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(doc, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with a 'steps' list")
-    unknown = [k for k in doc if k not in TOP_KEYS]
+    unknown = [k for k in doc if k not in TOP_KEYS and not str(k).startswith("x-")]
     if unknown:
-        raise RecipeError(f"{path}: unknown top-level key '{unknown[0]}' (keys: {', '.join(TOP_KEYS)})")
+        raise RecipeError(f"{path}: unknown top-level key '{unknown[0]}' (keys: {', '.join(TOP_KEYS)}; "
+                          "'x-' keys are free, e.g. for YAML anchors)")
     if not isinstance(doc.get("steps"), list) or not doc["steps"]:
         raise RecipeError(f"{path}: 'steps' must be a non-empty list")
     return doc
