@@ -28,7 +28,7 @@ class MaskGraft(Method):
         self.mask = mask
 
     def merge_block(self, job, p, state, start, base, models):
-        out = base.float()
+        out = base.to(torch.float32, copy=True)  # never write into the mapped input
         if job.name in self.mask.tensors:
             pos, _ = self.mask.block(job.name, start, start + base.numel())
             out[pos] = models[0][pos].float()
@@ -45,7 +45,7 @@ class SparseAdd(Method):
         self.deltas, self.scales = deltas, scales
 
     def merge_block(self, job, p, state, start, base, models):
-        out = base.float()
+        out = base.to(torch.float32, copy=True)  # never write into the mapped input
         for d, s in zip(self.deltas, self.scales):
             if job.name in d.tensors:
                 pos, val = d.block(job.name, start, start + base.numel())

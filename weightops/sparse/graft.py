@@ -109,11 +109,24 @@ def select_top_delta(base_src, ft_src, *, sparsity: float | None = None, k: int 
     bar = _progress(2 * nbytes, quiet, "graft: threshold")
 
     def stream():
+        # small tensors (biases, norms) are batched into blocks of ~block_size deltas: each
+        # histogram call has a fixed cost, and only the multiset of |δ| matters here
+        pending, n_pending = [], 0
         for name, _, x, b in _blocks(base_src, ft_src, elig, block_size):
-            if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(b).all())):
-                raise NumericError(f"NaN/Inf in tensor '{name}'; cannot rank deltas")
+            d = x.float() - b.float()
+            if not bool(torch.isfinite(d).all()):
+                raise NumericError(f"NaN/Inf in the delta of tensor '{name}'; cannot rank deltas")
             bar.update(x.numel() * x.element_size() + b.numel() * b.element_size())
-            yield x, b
+            if d.numel() >= block_size and not pending:
+                yield d, None
+                continue
+            pending.append(d)
+            n_pending += d.numel()
+            if n_pending >= block_size:
+                yield torch.cat(pending), None
+                pending, n_pending = [], 0
+        if pending:
+            yield torch.cat(pending), None
     with bar:
         ((t, above),) = ops.kth_largest_abs(stream, [k], with_counts=True)
     return Selection(elig, wholes, n_elig, k, t, above)
