@@ -258,11 +258,16 @@ def analyse_source(base: Checkpoint, source, opts: Options, cache: _svd.SVDCache
     with tqdm(total=len(names), desc=f"intruders {label}".strip(), unit="matrix", disable=quiet, delay=1.0,
               dynamic_ncols=True, file=sys.stderr) as bar:
         if opts.workers > 1:
-            with ThreadPoolExecutor(opts.workers) as pool:
-                results = []
-                for r in pool.map(one, names):
-                    results.append(r)
-                    bar.update(1)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(max(1, threads // opts.workers))  # workers share the cores, not oversubscribe them
+            try:
+                with ThreadPoolExecutor(opts.workers) as pool:
+                    results = []
+                    for r in pool.map(one, names):
+                        results.append(r)
+                        bar.update(1)
+            finally:
+                torch.set_num_threads(threads)
         else:
             results = []
             for name in names:

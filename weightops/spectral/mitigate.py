@@ -77,7 +77,8 @@ def _summary(report, fixes, lam, opts) -> dict:
 
 
 def write_model(base: str, target: str, out: str, *, lam: float = 0.75, opts=None, dtype: str | None = None,
-                shard_size="5GB", force: bool = False, quiet: bool = False, command: list[str] | None = None):
+                shard_size="5GB", block_size: int | None = None, force: bool = False, quiet: bool = False,
+                command: list[str] | None = None):
     """Write the mitigated merged model W' to `out` (atomic, HF layout); returns (report, MergeResult)."""
     from weightops.engine import run_streaming
     from weightops.io.checkpoint import Checkpoint, open_source
@@ -89,7 +90,7 @@ def write_model(base: str, target: str, out: str, *, lam: float = 0.75, opts=Non
     base_src = Checkpoint(base)
     src = open_source(target, base_src)
     res = run_streaming(ScaleIntruders(fixes), MergeParams(), base_src, [src], out=out, dtype=dtype,
-                        shard_size=shard_size, force=force, quiet=quiet, command=command,
+                        shard_size=shard_size, block_size=block_size, force=force, quiet=quiet, command=command,
                         manifest_extra={"intruders": _summary(report, scaled, lam, opts)})
     return report, res
 
