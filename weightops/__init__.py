@@ -23,6 +23,10 @@ _LAZY = {
     "Checkpoint": "weightops.io.checkpoint:Checkpoint",
     "LoraAdapter": "weightops.io.adapter:LoraAdapter",
     "WeightopsError": "weightops.errors:WeightopsError",
+    "create_patch": "weightops.patches.create:create_patch",
+    "check_patch": "weightops.patches.check:check_patch",
+    "apply_patch": "weightops.patches.apply:apply_patch",
+    "run_recipe": "weightops.recipes:run_recipe",
 }
 
 __all__ = list(_LAZY) + ["__version__"]
