@@ -29,26 +29,45 @@ def test_report_compare_and_mitigate(tmp_path, family):
         assert (tmp_path / "rep" / f).stat().st_size > 0, f
     assert rep["detail"]["name"] in {m["name"] for m in rep["targets"][0]["matrices"] if m["count"]}
     assert (tmp_path / "c" / "svd").is_dir()  # the cache went where WEIGHTOPS_CACHE says
-    res = run_cli(family["base"], family["lora"], "--write-model", tmp_path / "mit", "--scale", "0.5", "-q",
-                  env_cache=tmp_path / "c")
-    assert res.returncode == 0, res.stderr
+
+
+def test_mitigate_in_process(tmp_path, family, monkeypatch):
+    from weightops.cli import main
+
+    monkeypatch.setenv("WEIGHTOPS_CACHE", str(tmp_path / "c"))
+    monkeypatch.setattr(sys, "argv", ["weightops", "intruders", str(family["base"]), str(family["lora"]),
+                                      "--write-model", str(tmp_path / "mit"), "--scale", "0.5", "-q"])
+    try:
+        main()
+    except SystemExit as e:
+        assert e.code in (0, None)
     out = load_file(str(tmp_path / "mit" / "model.safetensors"))
     assert set(out) == set(family["base_sd"])
 
 
-def _one_line_error(res, needle):
-    assert res.returncode == 2, res.stdout
-    lines = [x for x in res.stderr.strip().splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.stderr
+def _one_line_error(monkeypatch, capsys, needle, *args):
+    """The CLI entry point in-process (a subprocess per case costs seconds of torch import)."""
+    from weightops.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["weightops", "intruders", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
 
 
-def test_errors(tmp_path, family):
-    _one_line_error(run_cli(tmp_path / "nope", family["ft"], env_cache=tmp_path), "no such file")
-    _one_line_error(run_cli(family["base"], family["ft"], "--modules", "zzz", "--out", tmp_path / "r",
-                            env_cache=tmp_path), "no 2-D weight")
-    _one_line_error(run_cli(family["base"], family["ft"], "--write-adapter", tmp_path / "a", env_cache=tmp_path),
-                    "LoRA adapter")
-    _one_line_error(run_cli(family["base"], family["ft"], family["lora"], "--write-model", tmp_path / "m",
-                            env_cache=tmp_path), "exactly one target")
-    _one_line_error(run_cli(family["base"], family["ft"], "--eps-grid", "0.1,x", env_cache=tmp_path), "--eps-grid")
-    assert not any(p.name.startswith((".r", "r", ".a", "a", ".m", "m")) for p in tmp_path.iterdir())
+def test_errors(tmp_path, family, monkeypatch, capsys):
+    monkeypatch.setenv("WEIGHTOPS_CACHE", str(tmp_path / "c"))
+    _one_line_error(monkeypatch, capsys, "no such file", tmp_path / "nope", family["ft"])
+    _one_line_error(monkeypatch, capsys, "no 2-D weight", family["base"], family["ft"], "--modules", "zzz",
+                    "--out", tmp_path / "r")
+    _one_line_error(monkeypatch, capsys, "LoRA adapter", family["base"], family["ft"], "--write-adapter", tmp_path / "a")
+    _one_line_error(monkeypatch, capsys, "exactly one target", family["base"], family["ft"], family["lora"],
+                    "--write-model", tmp_path / "m")
+    _one_line_error(monkeypatch, capsys, "--eps-grid", family["base"], family["ft"], "--eps-grid", "0.1,x")
+    _one_line_error(monkeypatch, capsys, "exists", family["base"], family["ft"], "--out", tmp_path / "c", "-q")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # nothing half-written

@@ -53,6 +53,13 @@ def intruders(
         solver = "exact"
     if (write_model or write_adapter) and len(targets) != 1:
         raise WeightopsError("--write-model/--write-adapter take exactly one target")
+    from pathlib import Path
+
+    from weightops.errors import OutputError
+
+    for path in (out, write_model, write_adapter):  # fail before the analysis, not after it
+        if path and Path(path).exists() and not force:
+            raise OutputError(f"{path} exists; pass --force to replace it")
     grid = tuple(_floats(eps_grid, "--eps-grid")) if eps_grid else I.DEFAULT_EPS_GRID
     opts = I.Options(top_k=top_k, eps=eps, eps_grid=grid, modules=modules, solver=solver,
                      cache_dir=None if no_cache else (cache_dir or "default"), workers=workers, seed=seed)
