@@ -51,6 +51,8 @@ def graft(
     limit: Optional[int] = typer.Option(None, help="--learn: use at most this many training examples."),
     eval_every: int = typer.Option(10, help="--learn: score the binarised mask every N steps and keep the best."),
     seed: int = typer.Option(0, help="--learn: seed of the S initialisation."),
+    binarize: str = typer.Option("topk", help="--learn: topk (exactly the target size, ties by position) or round (the paper's round(γ))."),
+    eval_spec: Optional[str] = typer.Option(None, "--eval", help="--learn: score candidate masks with this evaluator (weightops.evaluate spec) instead of train+dev accuracy."),
     dtype: Optional[str] = typer.Option(None, help="Output dtype: auto (the base's), float32, bfloat16, float16."),
     shard_size: str = typer.Option("5GB", help="Maximum shard size of the output."),
     block_size: Optional[int] = typer.Option(None, help="Elements per block (bounds memory, never changes results)."),
@@ -71,10 +73,11 @@ def graft(
             raise WeightopsError("--learn needs --task (zoo:<task>, seqcls:<file> or module:function)")
         res = learn_mask(base, finetuned, task, sparsity=sparsity, k=k, scope=scope, whole=whole, out=out,
                          mask_out=mask_out, steps=steps, lr=lr, batch_size=batch_size, limit=limit,
-                         eval_every=eval_every, seed=seed, force=force, quiet=quiet, command=_cmd())
+                         eval_every=eval_every, seed=seed, binarize=binarize, evaluator=eval_spec, force=force,
+                         quiet=quiet, command=_cmd())
         if not quiet:
-            typer.echo(f"learned mask: {res['nnz']} parameters (best step {res['best_step']}, "
-                       f"train {res['best_train']:.4f}, dev {res['best_dev']:.4f}); " + ", ".join(
+            typer.echo(f"learned mask: {res['nnz']} parameters, {res['changed_from_init']} changed from the top-|δ| start "
+                       f"(best step {res['best_step']}, train {res['best_train']:.4f}, dev {res['best_dev']:.4f}); wrote " + ", ".join(
                            f"{k_} {v}" for k_, v in (("model", res.get("model")), ("mask", res.get("mask"))) if v))
         return
     from weightops.sparse.graft import graft as run
