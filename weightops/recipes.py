@@ -52,7 +52,7 @@ from typing import Any, Callable
 from weightops.errors import WeightopsError
 
 # Modules imported (once) to register their steps; add yours here.
-STEP_MODULES: list[str] = ["weightops.patches.steps"]
+STEP_MODULES: list[str] = ["weightops.patches.steps", "weightops.soup_steps"]
 # Keyword arguments the runner sets itself; a recipe cannot.
 RUNNER_ARGS = ("quiet", "command")
 STEP_KEYS = ("step", "name", "targets", "continue_on_error")
@@ -156,6 +156,8 @@ def _read_yaml(path: Path) -> dict:
         raise RecipeError(f"{path}: invalid YAML{where} ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(doc, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with a 'steps' list")
+    if "merge_method" in doc:  # a mergekit config: one `mergekit` step (weightops.soup_steps), out from --set out=
+        doc = {"steps": [{"step": "mergekit", "config": doc, "out": "${out}"}]}
     unknown = [k for k in doc if k not in TOP_KEYS and not str(k).startswith("x-")]
     if unknown:
         raise RecipeError(f"{path}: unknown top-level key '{unknown[0]}' (keys: {', '.join(TOP_KEYS)}; "

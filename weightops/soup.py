@@ -245,8 +245,8 @@ def learn_weights(models, data_spec, *, per_layer=False, group_by="layer", steps
             opt.zero_grad()
             loss.backward()
             opt.step()
-            log.append({"step": "train", "iter": step, "loss": float(loss)})
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            log.append({"step": "train", "iter": step, "loss": loss.item()})
+            bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
     w = torch.softmax(beta.detach(), -1).double()
     if per_layer:
         weights = {gname: [float(x) for x in w[i]] for i, gname in enumerate(groups)}
