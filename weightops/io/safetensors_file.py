@@ -123,10 +123,11 @@ def _background() -> _Background:
 class _StreamHash:
     """sha256 of a file, fed by the reads we do anyway, in whatever order.
 
-    Reads at the current position advance the hash; a read beyond it first
-    hashes the gap (bytes no block needed, read with pread so that they do not
-    count in our RSS); re-reads of earlier bytes are ignored. `digest()`
-    hashes whatever is left.
+    A read at or past the current position advances the hash to its end;
+    re-reads of earlier bytes are ignored; `digest()` hashes whatever is
+    left. Bytes are hashed from the file (pread, on the background thread),
+    never from our private mapping: code that modifies a block in place
+    cannot change the recorded hash, and hashing never grows our RSS.
     """
 
     def __init__(self, size: int):
@@ -134,24 +135,16 @@ class _StreamHash:
         self.pos = 0
         self.h = hashlib.sha256()
 
-    def feed(self, fd: int, view: memoryview, start: int, stop: int) -> None:
-        if stop <= self.pos:
-            return
-        if start > self.pos:
-            self._fill(fd, start)
-        self.h.update(view[self.pos:stop])
-        self.pos = stop
-
-    def _fill(self, fd: int, until: int) -> None:
-        while self.pos < until:
-            chunk = os.pread(fd, min(until - self.pos, _HASH_CHUNK), self.pos)
+    def feed(self, fd: int, stop: int) -> None:
+        while self.pos < stop:
+            chunk = os.pread(fd, min(stop - self.pos, _HASH_CHUNK), self.pos)
             if not chunk:
                 raise CheckpointError("file shrank while being read")
             self.h.update(chunk)
             self.pos += len(chunk)
 
     def digest(self, fd: int) -> str:
-        self._fill(fd, self.size)
+        self.feed(fd, self.size)
         return self.h.hexdigest()
 
 
@@ -247,11 +240,11 @@ class SafetensorsFile:
         n = stop - start
         if n <= 0:
             return torch.empty(0, dtype=info.dtype)
-        view = self._open()
+        self._open()
         b0 = info.start + start * info.itemsize
         b1 = b0 + n * info.itemsize
         fd, h = self._fd, self._hash
-        _background().submit(lambda: h.feed(fd, view, b0, b1))
+        _background().submit(lambda: h.feed(fd, b1))
         if info.dtype == torch.bool:
             return torch.frombuffer(self._mm, dtype=torch.uint8, count=n, offset=b0).view(torch.bool)
         return torch.frombuffer(self._mm, dtype=info.dtype, count=n, offset=b0)
