@@ -212,3 +212,14 @@ def test_rank_stragglers():
     r = rank_stragglers({"a": {"s": [0.5, 0.5]}, "b": {"s": [0.1, 0.9]}}, [0.0, 1.0])
     assert [x["group"] for x in r["s"]] == ["b", "a"] and r["s"][0]["best_alpha"] == 1.0
     assert math.isclose(r["s"][0]["range"], 0.8)
+
+
+def test_merge_back_with_base_is_linear_merge(pair, tmp_path):
+    """The documented recipe `weightops merge BASE FT --method linear --weights 0.7,0.3` is θ(0.3)."""
+    from weightops.engine import merge
+
+    _, _, bdir, fdir = pair
+    a = load(interpolate(bdir, fdir, out=tmp_path / "i", alpha=0.3, quiet=True).out)
+    b = load(merge([bdir, fdir], method="linear", weights=[0.7, 0.3], out=tmp_path / "m", quiet=True).out)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
