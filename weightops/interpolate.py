@@ -28,13 +28,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from weightops.errors import OutputError, WeightopsError
 from weightops.methods.base import Method
@@ -272,29 +268,6 @@ def path_stats(base, ft, *, alphas, group_by: str = "layer", sparsify: str | Non
 
 
 # --- sweeps ------------------------------------------------------------------------------------
-@contextmanager
-def output_dir(out, force: bool = False) -> Iterator[Path]:
-    """Build a report directory next to `out` and rename it into place only when complete."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise OutputError(f"{out} exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.weightops-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.weightops-old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def named_evaluators(evals, cache_dir=None, cache: bool = True) -> dict:
     """{name: Evaluator} from a dict, one spec/callable, or a list of "name=spec" / spec strings."""
     from weightops.evaluate import make_evaluator
@@ -347,6 +320,7 @@ def sweep(base, ft, *, alphas, evals, out=None, per_layer: bool = False, group_b
     {group: {eval: [...]}}, "stragglers", "path_stats"}.
     """
     from weightops.io.checkpoint import Checkpoint
+    from weightops.io.writer import atomic_dir
 
     alphas = parse_alphas(alphas)
     evaluators = named_evaluators(evals, cache_dir, cache)
@@ -385,7 +359,7 @@ def sweep(base, ft, *, alphas, evals, out=None, per_layer: bool = False, group_b
                                    block_size=engine_kw.get("block_size"))
     res["evaluations"] = {n: {"computed": e.calls, "cached": e.hits} for n, e in evaluators.items()}
     if out is not None:
-        with output_dir(out, force) as tmp:
+        with atomic_dir(out, force) as tmp:
             (tmp / "interpolation.json").write_text(json.dumps(res, indent=2) + "\n")
             if plot:
                 plot_sweep(res, tmp)

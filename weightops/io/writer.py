@@ -9,6 +9,7 @@ the temporary directory, so a failed run leaves nothing behind.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -230,3 +231,29 @@ class CheckpointWriter:
         if exc_type is not None:
             self.abort()
         return False
+
+
+@contextlib.contextmanager
+def atomic_dir(out, force: bool = False):
+    """A directory of reports/plots built in a temporary sibling and renamed to `out` only when the
+    block completes (an existing `out` is replaced only then, and only with force); on error nothing is left."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputError(f"{out} exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.weightops-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.weightops-old-{os.getpid()}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except OSError as e:
+        raise _disk_error(e, out) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
