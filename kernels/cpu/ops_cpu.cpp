@@ -107,6 +107,13 @@ std::vector<Block> blocks(at::TensorList xs, int64_t n, const char* what) {
   return out;
 }
 
+// fp32 tile of a block: a pointer into the block itself when it is fp32 (no copy), else widened into buf.
+const float* f32_tile(const TileKernels& T, const Block& blk, int64_t start, int64_t len, float* buf) {
+  if (blk.code == kF32) return reinterpret_cast<const float*>(blk.at(start));
+  T.load(blk.code, blk.at(start), len, buf);
+  return buf;
+}
+
 void* out_at(at::Tensor& out, int64_t start) {
   return static_cast<char*>(out.mutable_data_ptr()) + start * int64_t(out.element_size());
 }
@@ -165,14 +172,14 @@ at::Tensor delta_merge_cpu(const at::Tensor& base, at::TensorList models, c10::A
     float *bb = buf.data(), *m = bb + kTile, *s = m + kTile, *den = s + kTile, *d0 = den + kTile;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t start = t * kTile, len = std::min(kTile, n - start);
-      T.load(b.code, b.at(start), len, bb);
+      const float* bv = f32_tile(T, b, start, len, bb);
       for (int64_t i = 0; i < K; ++i) {
         float* d = d0 + i * kTile;
-        T.load(xs[i].code, xs[i].at(start), len, d);
+        const float* xv = f32_tile(T, xs[i], start, len, d);
         const uint32_t* wd = drop ? element_words(T, uint64_t(offset + start), len, uint32_t(keys[2 * i]),
                                                   uint32_t(keys[2 * i + 1]), words.data())
                                   : nullptr;
-        T.masked_delta(d, bb, len, r[i], flags[i], vlo[i], vhi[i], wd, thr);
+        T.masked_delta(d, xv, bv, len, r[i], flags[i], vlo[i], vhi[i], wd, thr);
       }
       T.fill_zero(m, len);
       if (!ties) {
@@ -184,7 +191,7 @@ at::Tensor delta_merge_cpu(const at::Tensor& base, at::TensorList models, c10::A
         for (int64_t i = 0; i < K; ++i) T.ties_vote(m, den, s, w[i], d0 + i * kTile, len);
         T.ties_mean(m, den, len);
       }
-      T.finish(m, bb, flam, len);
+      T.finish(m, bv, flam, len);
       T.store(out_code, m, len, out_at(out, start));
     }
   });
@@ -205,8 +212,7 @@ at::Tensor weighted_sum_cpu(at::TensorList xs_in, c10::ArrayRef<double> weights,
       const int64_t start = t * kTile, len = std::min(kTile, n - start);
       T.fill_zero(acc.data(), len);
       for (int64_t i = 0; i < K; ++i) {
-        T.load(xs[i].code, xs[i].at(start), len, x.data());
-        T.axpy(acc.data(), float(weights[i]), x.data(), len);
+        T.axpy(acc.data(), float(weights[i]), f32_tile(T, xs[i], start, len, x.data()), len);
       }
       T.store(out_code, acc.data(), len, out_at(out, start));
     }
@@ -237,9 +243,8 @@ at::Tensor abs_histogram_cpu(const at::Tensor& x_in, const std::optional<at::Ten
     std::vector<uint32_t> u(kTile);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t start = t * kTile, len = std::min(kTile, n - start);
-      T.load(x.code, x.at(start), len, v.data());
-      if (has_base) T.load(b.code, b.at(start), len, vb.data());
-      T.abs_bits(v.data(), has_base ? vb.data() : nullptr, len, u.data());
+      T.abs_bits(f32_tile(T, x, start, len, v.data()), has_base ? f32_tile(T, b, start, len, vb.data()) : nullptr,
+                 len, u.data());
       if (prefix < 0) {
         for (int64_t e = 0; e < len; ++e) ++h[u[e] >> 16];
       } else {

@@ -13,8 +13,8 @@ struct TileKernels {
   void (*philox_words)(uint64_t ctr0, int64_t nctr, uint32_t k0, uint32_t k1, uint32_t* out);
   void (*load)(int dtype, const void* src, int64_t len, float* dst);
   void (*store)(int dtype, const float* src, int64_t len, void* dst);
-  void (*masked_delta)(float* x, const float* b, int64_t len, float r, int flags, float lo, float hi,
-                       const uint32_t* words, uint32_t thr);  // flags: 4 lo, 2 hi, 1 drop
+  void (*masked_delta)(float* out, const float* x, const float* b, int64_t len, float r, int flags, float lo,
+                       float hi, const uint32_t* words, uint32_t thr);  // flags: 4 lo, 2 hi, 1 drop
   void (*fill_zero)(float* m, int64_t len);
   void (*axpy)(float* m, float w, const float* d, int64_t len);
   void (*ties_vote)(float* num, float* den, const float* s, float w, const float* d, int64_t len);

@@ -148,10 +148,10 @@ static void store(int dtype, const float* src, int64_t len, void* dst) {
   }
 }
 
-// ---- delta_merge pieces. x <- keep ? (x - b) * r : +0, keep = [lo <= |d|] [|d| < hi] [philox].
+// ---- delta_merge pieces. out <- keep ? (x - b) * r : +0, keep = [lo <= |d|] [|d| < hi] [philox]; out may be x.
 template <bool LO, bool HI, bool DROP>
-static void masked_delta_t(float* x, const float* b, int64_t len, float r, float lo, float hi, const uint32_t* w,
-                           uint32_t thr) {
+static void masked_delta_t(float* out, const float* x, const float* b, int64_t len, float r, float lo, float hi,
+                           const uint32_t* w, uint32_t thr) {
   for (int64_t i = 0; i < len; ++i) {
     float d = x[i] - b[i];
     float a = __builtin_fabsf(d);
@@ -159,21 +159,21 @@ static void masked_delta_t(float* x, const float* b, int64_t len, float r, float
     if (LO) keep &= !(a < lo);
     if (HI) keep &= a < hi;
     if (DROP) keep &= (w[i] >> 8) >= thr;
-    x[i] = keep ? d * r : 0.0f;
+    out[i] = keep ? d * r : 0.0f;
   }
 }
 
-static void masked_delta(float* x, const float* b, int64_t len, float r, int flags, float lo, float hi,
-                         const uint32_t* w, uint32_t thr) {
+static void masked_delta(float* out, const float* x, const float* b, int64_t len, float r, int flags, float lo,
+                         float hi, const uint32_t* w, uint32_t thr) {
   switch (flags) {
-    case 0: masked_delta_t<false, false, false>(x, b, len, r, lo, hi, w, thr); break;
-    case 1: masked_delta_t<false, false, true>(x, b, len, r, lo, hi, w, thr); break;
-    case 2: masked_delta_t<false, true, false>(x, b, len, r, lo, hi, w, thr); break;
-    case 3: masked_delta_t<false, true, true>(x, b, len, r, lo, hi, w, thr); break;
-    case 4: masked_delta_t<true, false, false>(x, b, len, r, lo, hi, w, thr); break;
-    case 5: masked_delta_t<true, false, true>(x, b, len, r, lo, hi, w, thr); break;
-    case 6: masked_delta_t<true, true, false>(x, b, len, r, lo, hi, w, thr); break;
-    default: masked_delta_t<true, true, true>(x, b, len, r, lo, hi, w, thr); break;
+    case 0: masked_delta_t<false, false, false>(out, x, b, len, r, lo, hi, w, thr); break;
+    case 1: masked_delta_t<false, false, true>(out, x, b, len, r, lo, hi, w, thr); break;
+    case 2: masked_delta_t<false, true, false>(out, x, b, len, r, lo, hi, w, thr); break;
+    case 3: masked_delta_t<false, true, true>(out, x, b, len, r, lo, hi, w, thr); break;
+    case 4: masked_delta_t<true, false, false>(out, x, b, len, r, lo, hi, w, thr); break;
+    case 5: masked_delta_t<true, false, true>(out, x, b, len, r, lo, hi, w, thr); break;
+    case 6: masked_delta_t<true, true, false>(out, x, b, len, r, lo, hi, w, thr); break;
+    default: masked_delta_t<true, true, true>(out, x, b, len, r, lo, hi, w, thr); break;
   }
 }
 
