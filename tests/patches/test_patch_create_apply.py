@@ -204,3 +204,21 @@ def test_apply_manifest_names_the_patch(versions, lora_patch, tmp_path):  # noqa
     assert m["method"] == "patch" and m["patch"]["meta_sha256"] == meta["meta_sha256"]
     assert m["patch"]["base_fingerprint"] == meta["base_fingerprint"]["sha256"]
     assert (tmp_path / "out" / "config.json").is_file() and res.manifest["outputs"]["tensors"]
+
+
+def test_tensors_on_one_side_only_are_left_out_and_listed(tmp_path):
+    v1 = _odd_state(1)
+    ft = _odd_state(2, base=v1)
+    ft.pop("w.odd")
+    ft["w.new"] = torch.ones(3)
+    write_model(tmp_path / "v1", v1)
+    write_model(tmp_path / "ft", ft)
+    r = create_patch(tmp_path / "v1", tmp_path / "p", finetuned=tmp_path / "ft", rank=2, quiet=True)
+    reasons = {s["name"]: s["reason"] for s in r["skipped"]}
+    assert reasons["w.odd"] == "missing in a model" and reasons["w.new"] == "not in the base"
+    assert {e["name"] for e in r["entries"]} == {"w.one", "w.scalar_mat", "w.cube", "w.wide"}
+    ft["w.wide"] = ft["w.wide"][:1].clone()
+    write_model(tmp_path / "ft2", ft)
+    with pytest.raises(AlignmentError, match="shape mismatch: 'w.wide'"):
+        create_patch(tmp_path / "v1", tmp_path / "p2", finetuned=tmp_path / "ft2", rank=2, quiet=True)
+    assert not (tmp_path / "p2").exists()

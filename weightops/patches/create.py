@@ -152,8 +152,10 @@ def _from_finetune(base_ck, finetuned, rank, energy, non_matrix, dense_re, skip_
     from weightops.engine import plan_tensors
 
     ft = Checkpoint(finetuned)
-    plan, _ = plan_tensors(base_ck, [ft], out_dtype=None, allow_missing=False, allow_dtype_mix=True, exclude=None)
-    entries, tensors, skipped = [], {}, []
+    # Shapes must agree; tensors only one side has cannot be patched and are listed as left out.
+    plan, _ = plan_tensors(base_ck, [ft], out_dtype=None, allow_missing=True, allow_dtype_mix=True, exclude=None)
+    entries, tensors = [], {}
+    skipped = [{"name": n, "reason": "not in the base"} for n in ft.infos if n not in base_ck.infos]
     for p in plan:
         info = base_ck.infos[p.name]
         progress(info.nbytes)
