@@ -160,6 +160,21 @@ def test_degenerate_shapes(shape):
     assert all(math.isfinite(c) for c in z.best_cos)
 
 
+def test_empty_and_one_element_matrices_in_a_checkpoint(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    base = {"layer.0.q_proj.weight": torch.zeros(0, 5), "layer.1.q_proj.weight": torch.tensor([[2.0]]),
+            "layer.2.q_proj.weight": torch.randn(70, 66, generator=g)}
+    tgt = {"layer.0.q_proj.weight": torch.zeros(0, 5), "layer.1.q_proj.weight": torch.tensor([[-3.0]]),
+           "layer.2.q_proj.weight": base["layer.2.q_proj.weight"] + torch.randn(70, 66, generator=g)}
+    rep = analyse(str(save_ckpt(tmp_path / "b", base)), [str(save_ckpt(tmp_path / "t", tgt))],
+                  opts=Options(cache_dir=None, eps_grid=GRID), quiet=True)
+    ms = {m["name"]: m for m in rep["targets"][0]["matrices"]}
+    assert set(ms) == {"layer.1.q_proj.weight", "layer.2.q_proj.weight"}  # the empty matrix has nothing to analyse
+    assert ms["layer.1.q_proj.weight"]["best_cos"] == [1.0]  # a 1×1 matrix's only direction is the base's
+    want = ref.best_cosines(base["layer.2.q_proj.weight"], tgt["layer.2.q_proj.weight"])
+    assert ms["layer.2.q_proj.weight"]["counts"] == {f"{e:g}": int((want < e).sum()) for e in GRID}
+
+
 def test_lowrank_tall_matrix_with_directions_outside_the_base_span():
     """Tall W0 (m > n): B has components outside span(U0); they have cosine 0 with every base vector."""
     g = torch.Generator().manual_seed(11)

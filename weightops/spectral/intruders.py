@@ -17,6 +17,7 @@ reference's.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import math
 import re
@@ -101,7 +102,7 @@ def select_matrices(base: Checkpoint, source, modules: str | None) -> list[str]:
     default = modules is None
     out = []
     for name, info in base.infos.items():
-        if len(info.shape) != 2 or not info.is_float or not pattern.search(name):
+        if len(info.shape) != 2 or info.numel == 0 or not info.is_float or not pattern.search(name):
             continue
         if default and EXCLUDED.search(name):
             continue
@@ -177,6 +178,18 @@ def _ambiguous(best: torch.Tensor, err: torch.Tensor, grid: list[float]) -> bool
     return bool(((best[:, None] - g[None, :]).abs() <= err[:, None] + REFERENCE_MARGIN).any())
 
 
+@contextlib.contextmanager
+def _single_thread(enabled: bool):
+    n = torch.get_num_threads()
+    if enabled and n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if enabled and n > 1:
+            torch.set_num_threads(n)
+
+
 def analyse_matrix(name: str, W0_flat: torch.Tensor, shape, *, W: torch.Tensor | None = None,
                    factors: tuple[torch.Tensor, torch.Tensor] | None = None, base_svd: _svd.SVD,
                    opts: Options) -> MatrixResult:
@@ -196,10 +209,17 @@ def analyse_matrix(name: str, W0_flat: torch.Tensor, shape, *, W: torch.Tensor |
     if solver == "exact":
         top = _svd.topk_exact(W, base_svd, k)
     elif factors is not None:
-        top = _svd.topk_lowrank(base_svd, factors[0], factors[1], k, generator=gen)
+        with _single_thread(opts.workers == 1):  # many tiny ops: thread barriers cost more than they save
+            top = _svd.topk_lowrank(base_svd, factors[0], factors[1], k, generator=gen)
     else:
         top = _svd.topk_dense(W, base_svd, k, generator=gen)
     best, arg = top.cos.max(dim=0)
+    if top.solver == "subspace" and _ambiguous(best, top.err, opts.grid):
+        # Iterate on to the fp32 rounding floor from where we are; only then pay for the full SVD.
+        more = _svd.topk_dense(W, base_svd, k, tol=1e-8, generator=gen, start=top.V)
+        more.iterations += top.iterations
+        top = more
+        best, arg = top.cos.max(dim=0)
     if top.solver != "exact" and _ambiguous(best, top.err, opts.grid):
         top = _svd.topk_exact(W, base_svd, k)
         top.solver = "exact (fallback: a cosine within its error bound of an ε)"

@@ -177,14 +177,14 @@ def block_size(k: int, d: int) -> int:
 
 
 def topk_dense(W: torch.Tensor, base: SVD, k: int, *, tol: float = 1e-5, max_iter: int = 300,
-               generator: torch.Generator | None = None) -> TopK:
-    """Top-k of a dense W (fp32), warm-started from the base's top right vectors."""
+               generator: torch.Generator | None = None, start: torch.Tensor | None = None) -> TopK:
+    """Top-k of a dense W (fp32), warm-started from the base's top right vectors (or `start`, n×k)."""
     m, n = W.shape
     d = min(m, n)
     k = min(k, d)
     p = block_size(k, d)
     rand = torch.randn(n, p - k, generator=generator, dtype=torch.float32)
-    start = torch.cat([base.Vh[:k].T, rand], dim=1)
+    start = torch.cat([base.Vh[:k].T if start is None else start[:, :k], rand], dim=1)
     U, S, V, res, err, it = subspace_topk(lambda x: W @ x, lambda y: W.T @ y, start, k, tol=tol, max_iter=max_iter)
     cos = (base.U.T @ U).abs()
     return TopK(U, S, V, cos, err.float(), "subspace", it, float(res.max() / S[0]) if float(S[0]) > 0 else 0.0)
