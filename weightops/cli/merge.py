@@ -37,7 +37,10 @@ def merge(
     gamma: Optional[float] = typer.Option(None, help="breadcrumbs: fraction of the largest |δ| removed (default 0.01)."),
     drop_rate: Optional[float] = typer.Option(None, help="DARE: probability p of DROPPING each delta element (default 0.9). mergekit's density is 1 − p."),
     rescale: Optional[str] = typer.Option(None, help="DARE rescale of kept deltas: dare = 1/(1−p) (default), darex-q = 1/q, l1 = mergekit's L1-norm match, none."),
-    q: Optional[float] = typer.Option(None, help="DAREx-q divisor, 1−p ≤ q ≤ 1 (with --rescale darex-q)."),
+    q: Optional[str] = typer.Option(None, help="DAREx-q divisor, 1−p ≤ q ≤ 1 (with --rescale darex-q): one value, one per model (comma-separated), or 'auto' (per model, by --q-by; see docs/dpp.md)."),
+    q_by: Optional[str] = typer.Option(None, help="--q auto: proxy (needs --proxy-data) or metric (needs --metric)."),
+    proxy_data: Optional[str] = typer.Option(None, help="--q auto: unlabelled inputs (text file, one per line, or zoo:<task>)."),
+    metric: Optional[str] = typer.Option(None, help="--q auto: validation metric spec (module:function, cmd:..., zoo:<task>), higher is better."),
     t: Optional[float] = typer.Option(None, help="slerp: interpolation factor from the first model (0) to the second (1); default 0.5."),
     normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize", help="linear: divide weights by their sum (default on)."),
     seed: int = typer.Option(0, help="Seed of the DARE masks (mask = f(seed, model index, tensor name, element index))."),
@@ -62,7 +65,8 @@ def merge(
 
     res = run_merge(
         models, out=out, base=base, method=method, weights=_floats(weights, "--weights"), lam=lam, density=density,
-        gamma=gamma, drop_rate=drop_rate, rescale=rescale, q=q, trim_scope=trim_scope, t=t, normalize=normalize,
+        gamma=gamma, drop_rate=drop_rate, rescale=rescale,
+        q=_darex_q(q, q_by, proxy_data, metric, models, base, drop_rate, rescale, seed, quiet), trim_scope=trim_scope, t=t, normalize=normalize,
         seed=seed, dtype=dtype, shard_size=shard_size, block_size=block_size, threads=threads, kernels=kernels,
         allow_missing=allow_missing, allow_dtype_mix=allow_dtype_mix, exclude=exclude, clamp=clamp, strict=strict,
         force=force, quiet=quiet, command=["weightops"] + sys.argv[1:],
@@ -73,6 +77,36 @@ def merge(
         gb = res.bytes_written / 1e9
         typer.echo(f"{res.manifest['method']}: wrote {res.out} ({len(res.manifest['outputs']['tensors'])} tensors, "
                    f"{gb:.3f} GB) in {res.seconds:.1f} s, read {res.bytes_read / 1e9:.3f} GB, kernels {res.manifest['kernels']}")
+
+
+def _darex_q(q, q_by, proxy_data, metric, models, base, drop_rate, rescale, seed, quiet):
+    """--q as given (one value or one per model), or chosen per model by weightops.dpp for --q auto."""
+    from weightops.errors import WeightopsError
+
+    if q != "auto":
+        if q_by is not None or proxy_data is not None or metric is not None:
+            raise WeightopsError("--q-by/--proxy-data/--metric are only used with --q auto")
+        qs = _floats(q, "--q")
+        return qs[0] if qs is not None and len(qs) == 1 else qs
+    if rescale != "darex-q":
+        raise WeightopsError("--q auto needs --rescale darex-q")
+    if base is None:
+        raise WeightopsError("--q auto needs --base")
+    if q_by == "analytic":
+        raise WeightopsError("merge takes a global q per model (--q-by proxy or metric); per-layer analytic q is "
+                             "available in `weightops prune --method darex-q --q-by analytic`")
+    from weightops.dpp.api import select_q
+
+    p = 0.9 if drop_rate is None else drop_rate
+    if not 0 <= p < 1:
+        raise WeightopsError(f"--drop-rate must be in [0, 1), got {p}")
+    out = []
+    for i, m in enumerate(models):
+        val, _, log = select_q(base, m, p, q_by=q_by, metric=metric, proxy_data=proxy_data, seed=seed, model_index=i)
+        if not quiet:
+            typer.echo(f"darex-q: model {i + 1}: q = {val:.4g} (by {log['by']}, {len(log['evaluated'])} candidates)", err=True)
+        out.append(val)
+    return out
 
 
 @app.command()

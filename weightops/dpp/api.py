@@ -236,7 +236,7 @@ def apply_delta(base, delta, *, out, dtype=None, shard_size="5GB", block_size=No
 
 def select_q(base, finetuned, rate, *, q_by=None, metric=None, proxy_data=None, calib_data=None, max_inputs=64,
              max_len=128, eta=None, gamma=analytic_q.GAMMA, stop_frac=analytic_q.STOP_FRAC, how="grid", lo=None,
-             hi=None, step=None, seed=0, keep=None, quiet=True):
+             hi=None, step=None, seed=0, keep=None, quiet=True, model_index=0):
     """(global q, per-tensor q map or None, log) for DAREx-q; see docs/dpp.md."""
     from weightops.dpp import q_search as qs
     from weightops.io.checkpoint import is_adapter_dir
@@ -264,7 +264,7 @@ def select_q(base, finetuned, rate, *, q_by=None, metric=None, proxy_data=None, 
         if lo > hi:
             raise WeightopsError(f"--q-lo {lo:g} is above --q-hi {hi:g}")
     scorer, scorer_log = _scorer(base, finetuned, rate, metric if q_by != "proxy" else None,
-                                 proxy_data if q_by != "metric" else None, max_inputs, max_len, seed, keep)
+                                 proxy_data if q_by != "metric" else None, max_inputs, max_len, seed, keep, model_index)
     log: dict = {"by": q_by, **scorer_log}
     if q_by == "analytic":
         from weightops.dpp.calibration import calibrate
@@ -294,7 +294,7 @@ def select_q(base, finetuned, rate, *, q_by=None, metric=None, proxy_data=None, 
     return res.x, None, log
 
 
-def _scorer(base, finetuned, rate, metric, proxy_data, max_inputs, max_len, seed, keep):
+def _scorer(base, finetuned, rate, metric, proxy_data, max_inputs, max_len, seed, keep, model_index=0):
     """score(q, q_map) -> higher is better, for candidate DAREx-q models, and what it is."""
     from weightops.dpp import q_search as qs
 
@@ -306,7 +306,7 @@ def _scorer(base, finetuned, rate, metric, proxy_data, max_inputs, max_len, seed
 
         def score(q, q_map):
             b, ft = _sources(base, finetuned)
-            params = PruneParams(rate=rate, seed=seed, q=q, q_map=q_map, keep=keep)
+            params = PruneParams(rate=rate, seed=seed, q=q, q_map=q_map, keep=keep, model_index=model_index)
             with scratch_dir(prefix="weightops-darexq-") as d:
                 run_streaming(RULES["darex-q"], params, b, [ft], out=d / "m", force=True, quiet=True)
                 return float(ev(d / "m"))
@@ -320,7 +320,7 @@ def _scorer(base, finetuned, rate, metric, proxy_data, max_inputs, max_len, seed
         pm = PrunedModel(model, base, finetuned)
 
         def score(q, q_map):
-            pm.apply("darex-q", PruneParams(rate=rate, seed=seed, q=q, q_map=q_map, keep=keep))
+            pm.apply("darex-q", PruneParams(rate=rate, seed=seed, q=q, q_map=q_map, keep=keep, model_index=model_index))
             return -proxy()
         return score, {"proxy": proxy.name, "proxy_data": str(proxy_data), "inputs": int(proxy.mask.shape[0])}
     return None, {}

@@ -46,6 +46,7 @@ class PruneParams:
     epsilon: float | None = None  # della
     norms: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # wanda: ‖X_j‖₂ per tensor name
     keep: str | None = None  # regex: tensors copied from the fine-tuned model unpruned
+    model_index: int = 0  # Philox key index: i scores exactly the mask `merge` draws for its i-th model
 
     def as_dict(self) -> dict:
         d = {"rate": self.rate, "seed": self.seed}
@@ -170,7 +171,7 @@ class Prune(Method):
             return st
         if self.rule in ("dare", "darex-q"):
             q = 1.0 - p.rate if self.rule == "dare" else (p.q_map or {}).get(job.name, p.q)
-            st.update(key=ops.model_key(p.seed, 0, job.name), thr=ops.drop_threshold(p.rate), rescale=1.0 / q, q=q)
+            st.update(key=ops.model_key(p.seed, p.model_index, job.name), thr=ops.drop_threshold(p.rate), rescale=1.0 / q, q=q)
         elif self.rule == "magnitude" and p.scope in ("tensor", "global"):
             st["lo"] = model_state if p.scope == "global" else \
                 self._kth(job, p, keep_count(1.0 - p.rate, job.numel))
@@ -183,7 +184,7 @@ class Prune(Method):
             if p.scope == "tensor":
                 st["thr"] = self._kth(job, p, keep_count(1.0 - p.rate, job.numel))
         elif self.rule == "della":
-            st["key"] = ops.model_key(p.seed, 0, job.name)
+            st["key"] = ops.model_key(p.seed, p.model_index, job.name)
         return st
 
     def _kth(self, job, p, k) -> float:

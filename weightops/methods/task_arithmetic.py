@@ -55,7 +55,11 @@ class DeltaMerge(Method):
             if p.rescale not in RESCALES:
                 raise WeightopsError(f"--rescale must be one of {', '.join(RESCALES)}, got {p.rescale}")
             if p.rescale == "darex-q":
-                if p.q is None or not (1 - p.drop_rate - 1e-12 <= p.q <= 1):
+                # q: one divisor for every model, or one per model (e.g. chosen by `--q auto`)
+                qs = p.q if isinstance(p.q, (list, tuple)) else [p.q]
+                if isinstance(p.q, (list, tuple)) and len(qs) != n_models:
+                    raise WeightopsError(f"--q has {len(qs)} values for {n_models} models")
+                if any(q is None or not (1 - p.drop_rate - 1e-12 <= q <= 1) for q in qs):
                     raise WeightopsError(f"--rescale darex-q needs --q in [1 - drop_rate, 1] = [{1 - p.drop_rate:g}, 1]")
             elif p.q is not None:
                 raise WeightopsError("--q is only used with --rescale darex-q")
@@ -109,7 +113,8 @@ class DeltaMerge(Method):
             if p.rescale == "dare":
                 state["rescales"] = [1.0 / (1.0 - p.drop_rate)] * n_models
             elif p.rescale == "darex-q":
-                state["rescales"] = [1.0 / p.q] * n_models
+                qs = p.q if isinstance(p.q, (list, tuple)) else [p.q] * n_models
+                state["rescales"] = [1.0 / q for q in qs]
             elif p.rescale == "l1":
                 state["rescales"] = self._l1_rescales(job, state)
         return state
