@@ -187,15 +187,19 @@ def graft_method_manifest(sel: Selection, sparsity, scope, whole) -> dict:
 
 
 def make_graft_mask(base, finetuned, out, *, sparsity: float | None = None, k: int | None = None,
-                    scope: str | None = None, whole: str | None = None, kind: str = "mask",
+                    scope: str | None = None, whole: str | None = None, kind: str = "mask", delta_out=None,
                     block_size: int | None = None, force: bool = False, quiet: bool = True) -> Path:
-    """Write the data-free top-|δ| graft mask (or sparse delta, kind="delta") of `finetuned` over `base`."""
+    """Write the data-free top-|δ| graft mask (or sparse delta, kind="delta") of `finetuned` over `base`;
+    with `delta_out`, also the sparse delta of the same selection (one threshold search for both)."""
     block_size = int(block_size or (1 << 22))
     base_src, ft_src = _open_pair(base, finetuned)
     sel = select_top_delta(base_src, ft_src, sparsity=sparsity, k=k, scope=scope, whole=whole,
                            block_size=block_size, quiet=quiet)
     manifest = {"method": graft_method_manifest(sel, sparsity, scope, whole),
                 "sources": sources_manifest(base_src, [("finetuned", ft_src)])}
+    if delta_out is not None:
+        write_selection(delta_out, base_src, ft_src, sel, kind="delta", manifest=manifest, block_size=block_size,
+                        force=force, quiet=quiet)
     return write_selection(out, base_src, ft_src, sel, kind=kind, manifest=manifest, block_size=block_size,
                            force=force, quiet=quiet)
 
@@ -226,11 +230,12 @@ def graft(base, finetuned, *, out=None, mask_out=None, delta_out=None, sparsity:
             mpath = Path(mask_out) if mask_out is not None else (tmp / "mask" if tmp else None)
             if mpath is not None:
                 make_graft_mask(base, finetuned, mpath, sparsity=sparsity, k=k, scope=scope, whole=whole,
-                                block_size=block_size, force=force, quiet=quiet)
+                                delta_out=delta_out, block_size=block_size, force=force, quiet=quiet)
                 result["mask"] = str(mpath) if mask_out is not None else None
-            if delta_out is not None:
+            else:
                 make_graft_mask(base, finetuned, delta_out, sparsity=sparsity, k=k, scope=scope, whole=whole,
                                 kind="delta", block_size=block_size, force=force, quiet=quiet)
+            if delta_out is not None:
                 result["delta"] = str(delta_out)
         else:
             if sparsity is not None or k is not None or delta_out is not None or mask_out is not None:
