@@ -162,3 +162,16 @@ def test_kth_largest_abs_with_counts_brute_force():
     with pytest.raises(ValueError):
         kth_largest_abs(blocks, [998], with_counts=True)
     assert kth_largest_abs(blocks, [3]) == [torch.sort(a, descending=True).values[2].item()]
+
+
+def test_lora_adapter_grafts_like_its_merged_model(tmp_path, tiny_models):
+    """A PEFT adapter is read as θ0 + ΔW block by block: same mask as the materialised model."""
+    from tests.engine.test_hf_and_adapters import _adapter
+    from weightops.engine import merge
+
+    adapter, _ = _adapter(tmp_path, tiny_models["base"], rslora=False)
+    merge([adapter], base=tiny_models["base"], method="linear", out=tmp_path / "merged", quiet=True)
+    a = make_graft_mask(tiny_models["base"], adapter, tmp_path / "ma", sparsity=0.01)
+    b = make_graft_mask(tiny_models["base"], tmp_path / "merged", tmp_path / "mb", sparsity=0.01)
+    assert (a / "sparse.safetensors").read_bytes() == (b / "sparse.safetensors").read_bytes()
+    assert open_sparse(a).manifest["sources"][1]["kind"] != "checkpoint"
