@@ -40,7 +40,7 @@ def list_cmd(
     tiny: bool = typer.Option(False, "--tiny", help="Also list the unit-test models."),
 ) -> None:
     """The catalogue: each model's kind, task, parent, whether it is built, and its held-out accuracy."""
-    from weightops.zoo import build as B
+    from weightops.zoo import builder as B
     from weightops.zoo import catalogue as C
     from weightops.zoo.runtime import zoo_dir
 

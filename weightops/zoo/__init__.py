@@ -9,7 +9,7 @@ Every model shares `base`'s tensor names and shapes (binary head), so any two
 can be merged against it. See docs/zoo.md for the catalogue and measured scores.
 Importing this package does not import torch.
 """
-from weightops.zoo.build import build, get, list_models
+from weightops.zoo.builder import build, get, list_models
 from weightops.zoo.catalogue import FAST_NAMES, NAMES
 from weightops.zoo.evaluate import evaluate
 from weightops.zoo.runtime import zoo_dir

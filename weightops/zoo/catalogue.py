@@ -6,8 +6,8 @@ that model and everything below it.
 """
 from __future__ import annotations
 
-FT = {"steps": 60, "batch_size": 32, "weight_decay": 0.01, "warmup": 0.1}
-LORA = {"steps": 60, "batch_size": 32, "lr": 5e-4, "weight_decay": 0.0, "warmup": 0.1, "alpha": 16}
+FT = {"steps": 40, "batch_size": 32, "weight_decay": 0.01, "warmup": 0.1}
+LORA = {"steps": 40, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.0, "warmup": 0.1, "alpha": 16}
 V2 = {"steps": 60, "batch_size": 32, "lr": 1e-4, "temperature": 0.05, "pairs": 2000}
 HEAD_SEED = 1234  # base and v2-base share this classifier init
 

@@ -8,9 +8,12 @@ from pathlib import Path
 
 from weightops.zoo.errors import ZooError
 
-# Bit-exact results on CPU hold only for a fixed intra-op thread count: the
-# reduction order of matmuls depends on how work is split between threads.
-THREADS = 2
+# Bit-exact results on CPU hold only for a fixed intra-op thread count (the
+# reduction order of matmuls depends on how work is split between threads).
+# One thread: the bytes then do not depend on the machine's core count, and on
+# a shared, oversubscribed machine two OpenMP threads measured ~8x the CPU time
+# per training step of one (spin-waiting), for ~4x the wall time.
+THREADS = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 

@@ -56,32 +56,43 @@ def build_base(recipe: dict, out: Path, root: Path, progress: bool) -> dict:
     model.config.problem_type = "single_label_classification"
     _save(model, out)
     tok = _tokenizer()
-    card = {"scores": _scores(model, tok, recipe, TASKS),
-            "notes": "pretrained all-MiniLM-L6-v2 body (pooler included) + classifier initialised from `seed`; "
+    card = {"notes": "pretrained all-MiniLM-L6-v2 body (pooler included) + classifier initialised from `seed`; "
                      "`scores` use that untrained head, `probes` train a head on the frozen body."}
     if recipe["hp"].get("probe"):
-        card["probes"] = {t: _probe(model, tok, _data(recipe, t)) for t in TASKS}
+        card["scores"], card["probes"] = {}, {}
+        for t in TASKS:
+            card["scores"][t], card["probes"][t] = _probe(model, tok, _data(recipe, t))
+    else:
+        card["scores"] = _scores(model, tok, recipe, TASKS)
     return card
 
 
-def _probe(model, tok, data: dict) -> dict:
-    """Linear probes on the frozen body: on the pooler output (exactly a trained classifier head)
-    and on the mean-pooled last layer (the sentence embedding all-MiniLM-L6-v2 was trained for)."""
+def _probe(model, tok, data: dict) -> tuple[dict, dict]:
+    """(untrained-head accuracy, linear probes) on the frozen body, from one feature pass.
+
+    Probes: on the pooler output (exactly a trained classifier head) and on the
+    mean-pooled last layer (the sentence embedding all-MiniLM-L6-v2 was trained for).
+    """
     import torch
 
     from weightops.zoo import train as T
 
     feats = {s: T.features(model, tok, [x for x, _ in data[s]]) for s in ("train", *SCORED_SPLITS)}
     labels = {s: torch.tensor([y for _, y in data[s]]) for s in feats}
+
+    def acc(logits, s):
+        return round((logits.argmax(-1) == labels[s]).double().mean().item(), 4)
+
+    with torch.no_grad():
+        untrained = {s: acc(model.classifier(feats[s][0]), s) for s in SCORED_SPLITS}
     out = {}
     for j, kind in enumerate(("head_on_pooler", "meanpool")):
         x = feats["train"][j]
         mu, sd = x.mean(0), x.std(0) + 1e-6  # standardising only conditions L-BFGS; the probe stays linear
         head = T.fit_probe((x - mu) / sd, labels["train"])
         with torch.no_grad():
-            out[kind] = {s: round((head((feats[s][j] - mu) / sd).argmax(-1) == labels[s]).double().mean().item(), 4)
-                         for s in SCORED_SPLITS}
-    return out
+            out[kind] = {s: acc(head((feats[s][j] - mu) / sd), s) for s in SCORED_SPLITS}
+    return untrained, out
 
 
 def build_ft(recipe: dict, out: Path, root: Path, progress: bool) -> dict:

@@ -22,7 +22,7 @@ from weightops.zoo import words as W
 
 TASKS = ("sentiment", "topic")
 SPLITS = ("train", "validation", "test", "test_shifted")
-SIZES = {"train": 2000, "validation": 400, "test": 600, "test_shifted": 600}
+SIZES = {"train": 2000, "validation": 400, "test": 500, "test_shifted": 500}
 LABEL_NAMES = {
     "sentiment": ("negative", "positive"),
     "topic": ("sports", "science"),
