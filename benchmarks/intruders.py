@@ -14,7 +14,7 @@ For each target it times
   base, or any re-run),
 and checks that the counts at every ε of the grid are identical, per matrix.
 
-    python benchmarks/intruders.py                 # 2048² ×4 and 4096² ×2, writes benchmarks/results/intruders.json
+    python benchmarks/intruders.py                 # q_proj of 2 layers at 2048², 1 layer at 4096²; writes benchmarks/results/intruders.json
     python benchmarks/intruders.py --sizes 512 --layers 1 --out /tmp/x.json   # a quick run
 """
 from __future__ import annotations
@@ -42,11 +42,12 @@ def orthogonal(n: int, g: torch.Generator) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r))
 
 
-def make_models(root: Path, hidden: int, layers: int, seed: int, r: int = 8, alpha: float = 16.0):
+def make_models(root: Path, hidden: int, layers: int, seed: int, modules=("q_proj", "o_proj"), r: int = 8,
+                alpha: float = 16.0):
     g = torch.Generator().manual_seed(seed)
     base, ft, factors = {}, {}, {}
     for i in range(layers):
-        for mod in ("self_attn.q_proj", "self_attn.o_proj"):
+        for mod in (f"self_attn.{m}" for m in modules):
             name = f"model.layers.{i}.{mod}.weight"
             U, V = orthogonal(hidden, g), orthogonal(hidden, g)
             s = torch.arange(1, hidden + 1, dtype=torch.float32) ** -0.5
@@ -70,7 +71,7 @@ def make_models(root: Path, hidden: int, layers: int, seed: int, r: int = 8, alp
         tensors[f"{stem}.lora_B.weight"] = B.to(torch.bfloat16).contiguous()
     save_file(tensors, str(ad / "adapter_model.safetensors"), metadata={"format": "pt"})
     (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": alpha,
-                                                        "target_modules": ["q_proj", "o_proj"]}))
+                                                        "target_modules": list(modules)}))
     return root / "base", {"full-ft": root / "ft", "lora-r8": ad}
 
 
@@ -112,18 +113,33 @@ def ours(base_dir: Path, target: Path, cache: Path):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="2048,4096", help="hidden sizes, comma-separated")
-    ap.add_argument("--layers", default="1,1", help="layers per size (q_proj and o_proj each), comma-separated")
+    ap.add_argument("--layers", default="2,1", help="layers per size, comma-separated")
+    ap.add_argument("--modules", default="q_proj", help="square attention matrices per layer (q_proj,k_proj,v_proj,o_proj)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "intruders.json"))
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
     layers = [int(x) for x in args.layers.split(",")]
     layers += [layers[-1]] * (len(sizes) - len(layers))
+    modules = tuple(args.modules.split(","))
     results = []
+
+    def save():
+        out = {"benchmark": "intruders", "command": "python benchmarks/intruders.py " + " ".join(sys.argv[1:]),
+               "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "load_average": os.getloadavg(),
+               "note": "reference = the paper's algorithm per matrix (2 full fp32 SVDs + similarity matrix); "
+                       "cold = ours with an empty base-SVD cache; warm = ours with the cache filled; "
+                       "seconds include reading the checkpoint for ours, not for the reference",
+               "results": results}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+
     for hidden, n_layers in zip(sizes, layers):
         tmp = Path(tempfile.mkdtemp(prefix="wo-intruders-"))
         try:
-            base, targets = make_models(tmp, hidden, n_layers, args.seed)
+            base, targets = make_models(tmp, hidden, n_layers, args.seed, modules)
             cache = tmp / "cache"
             base_svds: dict = {}
             for label, target in targets.items():
@@ -134,7 +150,7 @@ def main() -> None:
                     cold = {"seconds": round(wall_c, 2), "speedup": round(ref_s / wall_c, 2), "solvers": solvers_c,
                             "counts_equal": counts_c == ref_counts}
                 counts_w, wall_w, _, solvers_w, total, bound = ours(base, target, cache)
-                row = {"hidden": hidden, "matrices": 2 * n_layers, "shape": [hidden, hidden], "target": label,
+                row = {"hidden": hidden, "matrices": len(modules) * n_layers, "shape": [hidden, hidden], "target": label,
                        "reference_seconds": round(ref_s, 2), "cold": cold,
                        "warm": {"seconds": round(wall_w, 2), "speedup": round(ref_s / wall_w, 2), "solvers": solvers_w,
                                 "counts_equal": counts_w == ref_counts},
@@ -142,18 +158,10 @@ def main() -> None:
                        "counts_vs_eps": {e: sum(c[e] for c in ref_counts.values()) for e in ("0.1", "0.3", "0.5", "0.7", "0.9")},
                        "max_cos_error_bound": bound}
                 results.append(row)
+                save()  # after every row: a long run that is stopped keeps what it measured
                 print(json.dumps(row), flush=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    out = {"benchmark": "intruders", "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-           "load_average_at_end": os.getloadavg(),
-           "note": "reference = the paper's algorithm per matrix (2 full fp32 SVDs + similarity matrix); "
-                   "cold = ours with an empty base-SVD cache; warm = ours with the cache filled; "
-                   "seconds include reading the checkpoint for ours, not for the reference",
-           "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
 
 

@@ -89,13 +89,16 @@ def plot_detail(report: dict, spectrum_path: Path, cosine_path: Path) -> None:
     fig.savefig(spectrum_path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     n = len(d["targets"])
-    fig, axes = plt.subplots(n, 1, figsize=(8, 1.6 + 0.9 * n * 1.6), squeeze=False)
+    fig, axes = plt.subplots(n, 1, figsize=(8, 0.8 + 2.6 * n), squeeze=False)
+    fig.subplots_adjust(hspace=0.55)
     for ax, t in zip(axes[:, 0], d["targets"]):
-        im = ax.imshow(t["cos"], aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        rows, cols = len(t["cos"]), len(t["cos"][0]) if t["cos"] else 0
+        im = ax.imshow(t["cos"], aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest",
+                       extent=(0.5, cols + 0.5, rows + 0.5, 0.5))  # ranks count from 1
         ax.set_title(f"{t['label']}: |cos(u_j(W), u_i(W0))|, best match of each row: ranks "
                      f"{t['best_base_rank']}", fontsize=7)
         ax.set_ylabel("W rank j")
-        ax.set_yticks(range(len(t["cos"])))
+        ax.set_yticks(range(1, rows + 1))
         ax.set_yticklabels([f"{j + 1}{'*' if c < eps else ''}" for j, c in enumerate(t["best_cos"])], fontsize=6)
     axes[-1, 0].set_xlabel("W0 singular vector rank i (* marks an intruder row)")
     fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=0.8)
