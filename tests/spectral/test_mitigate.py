@@ -108,3 +108,30 @@ def test_bad_mitigation_input(planted, tmp_path):
         write_model(str(b), str(t), str(root / "z"), opts=Options(cache_dir=None), quiet=True)
     assert not (root / "x").exists() and not (root / "y").exists()
     assert [p.name for p in root.iterdir() if "weightops-tmp" in p.name] == []
+
+
+def test_fan_in_fan_out_adapter_write_back(tmp_path):
+    """GPT-2 style (Conv1D weights stored [in, out], ΔW = (B·A)ᵀ): analysis and write-back keep the layout."""
+    import json as _json
+    import math
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    W0 = spectral_matrix(70, 90, g)[0]  # stored [in=70, out=90]
+    save_ckpt(tmp_path / "base", {"h.0.attn.c_attn.weight": W0})
+    A, B = torch.randn(3, 70, generator=g) / math.sqrt(70), 2.0 * torch.randn(90, 3, generator=g)
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    save_file({"base_model.model.h.0.attn.c_attn.lora_A.weight": A, "base_model.model.h.0.attn.c_attn.lora_B.weight": B},
+              str(ad / "adapter_model.safetensors"))
+    (ad / "adapter_config.json").write_text(_json.dumps({"peft_type": "LORA", "r": 3, "lora_alpha": 6, "fan_in_fan_out": True}))
+    W = W0 + 2.0 * (B @ A).T
+    rep, losses = write_adapter(str(tmp_path / "base"), str(ad), str(tmp_path / "out"), lam=0.5,
+                                opts=Options(solver="fast", cache_dir=None), quiet=True)
+    m = rep["targets"][0]["matrices"][0]
+    assert m["best_cos"] == pytest.approx(ref.best_cosines(W0, W).tolist(), abs=1e-4) and m["count"] > 0
+    back = LoraAdapter(tmp_path / "out", Checkpoint(tmp_path / "base"))
+    dW = back.delta("h.0.attn.c_attn.weight", 0, W0.numel()).reshape(W0.shape)
+    exact = ref.mitigate(W0, W, 0.5) - W0
+    assert float((dW - exact).norm() / exact.norm()) == pytest.approx(losses["h.0.attn.c_attn.weight"], rel=1e-3, abs=1e-6)
