@@ -17,7 +17,7 @@ def run_cli(*args, env_cache):
 
 
 def test_report_compare_and_mitigate(tmp_path, family):
-    res = run_cli(family["base"], family["lora"], family["ft"], "--labels", "lora,full", "--out", tmp_path / "rep",
+    res = run_cli(family["base"], family["lora"], "--compare", family["ft"], "--labels", "lora,full", "--out", tmp_path / "rep",
                   "--eps-grid", "0.2,0.5,0.8", env_cache=tmp_path / "c")
     assert res.returncode == 0, res.stderr
     assert "lora:" in res.stdout and "full:" in res.stdout

@@ -13,6 +13,7 @@ from weightops.cli import app
 def intruders(
     base: str = typer.Argument(..., help="The pre-trained checkpoint W0 (HF dir or .safetensors)."),
     targets: List[str] = typer.Argument(..., help="Fine-tuned checkpoints and/or PEFT LoRA adapter dirs (several: one report comparing them)."),
+    compare: Optional[List[str]] = typer.Option(None, "--compare", help="More targets for the same report (repeatable; same as extra positional targets)."),
     top_k: int = typer.Option(10, "--top-k", "-k", help="Top singular vectors of W examined per matrix (the paper: 10)."),
     eps: float = typer.Option(0.5, help="ε: intruder iff max |cos| with every base left singular vector < ε."),
     eps_grid: Optional[str] = typer.Option(None, help="ε values for the counts-vs-ε curve, comma-separated (default 0.05,0.1,...,0.95)."),
@@ -49,6 +50,7 @@ def intruders(
     from weightops.spectral import intruders as I
     from weightops.spectral import mitigate, report as R
 
+    targets = list(targets) + list(compare or [])
     if exact:
         solver = "exact"
     if (write_model or write_adapter) and len(targets) != 1:
