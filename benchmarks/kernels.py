@@ -92,8 +92,11 @@ def main() -> None:
     ap.add_argument("--big", action="store_true", help="add 256M elements")
     ap.add_argument("--reference-max", default="4M", help="largest size for the (slow) pure-torch reference")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "kernels.json"))
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sizes = [parse_size(s) for s in args.sizes.split(",")] + ([256 << 20] if args.big else [])
     ref_max = parse_size(args.reference_max)
     dtype = getattr(torch, args.dtype)
