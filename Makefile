@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast notebooks bench clean
 
 # torch is pinned to the local CPU wheel first; the project then builds its
 # extension against it (--no-build-isolation). Elsewhere bring your own torch.
@@ -18,6 +18,9 @@ test: install
 
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow and not notebooks" tests
+
+notebooks: install
+	$(PYTHON) -m pytest -q -m notebooks tests/test_notebooks.py
 
 bench: install
 	$(PYTHON) benchmarks/merge.py
