@@ -39,7 +39,7 @@ def load_model(model_dir):
     cfg = AutoConfig.from_pretrained(model_dir)
     arch = (getattr(cfg, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
-    model = (cls or AutoModel).from_pretrained(model_dir, torch_dtype=torch.float32)
+    model = (cls or AutoModel).from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     return model
 

@@ -144,8 +144,15 @@ def is_decoder(model_dir) -> bool:
 def load_for_proxy(model_dir, decoder: bool):
     from transformers import AutoModel, AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
     cls = AutoModelForCausalLM if decoder else AutoModel
-    model = cls.from_pretrained(model_dir, torch_dtype=torch.float32)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a task head left out of AutoModel is expected, not news
+    try:
+        model = cls.from_pretrained(model_dir, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(level)
     model.eval()
     return model
 
