@@ -129,8 +129,10 @@ def build(names=None, fast: bool = False, progress: bool = True) -> dict[str, Pa
     root = zoo_dir()
     from tqdm.auto import tqdm
 
+    k = keys(names)
+    if all(is_built(root / n, k[n]) for n in k):  # k covers the parents too
+        return {n: root / n for n in names}  # no lock: readers need not wait for another process's build
     with _lock(root), _quiet_transformers(), deterministic():
-        k = keys(names)
         order = [n for n in C.CATALOGUE if n in k]  # catalogue order lists parents first
         todo = [n for n in order if not is_built(root / n, k[n])]
         bar = tqdm(total=len(todo), desc="zoo", unit="model", disable=not progress or not todo)

@@ -7,7 +7,7 @@ that model and everything below it.
 from __future__ import annotations
 
 FT = {"steps": 80, "batch_size": 16, "weight_decay": 0.01, "warmup": 0.1}
-LORA = {"steps": 80, "batch_size": 16, "lr": 1e-3, "weight_decay": 0.0, "warmup": 0.1, "alpha": 16}
+LORA = {"steps": 80, "batch_size": 16, "lr": 3e-3, "weight_decay": 0.0, "warmup": 0.1, "alpha": 16}
 V2 = {"steps": 40, "batch_size": 32, "lr": 1e-4, "temperature": 0.05, "pairs": 2000}
 HEAD_SEED = 1234  # base and v2-base share this classifier init
 
