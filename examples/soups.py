@@ -2,8 +2,8 @@
 
     python examples/soups.py            # results: benchmarks/results/soups.json and soups.png
 
-Ingredients: the zoo's sentiment fine-tunes with different hyperparameters
-(learning rate 1e-4 / 5e-5, seeds 0 / 1) plus the merged LoRA r=8 fine-tune.
+Ingredients: the zoo's four sentiment fine-tunes with different
+hyperparameters (learning rate 1e-4 / 5e-5, seeds 0 / 1).
 Each ingredient is scored on the validation split (held out: the greedy
 soup's decisions and the learned soup's training use it) and on the test and
 test_shifted splits (reported only). Then the uniform, greedy and learned
@@ -26,8 +26,7 @@ from weightops.evaluate import make_evaluator
 from weightops.soup import soup
 
 TASK = "sentiment"
-INGREDIENTS = ["sentiment-ft-lr1e-4-s0", "sentiment-ft-lr1e-4-s1", "sentiment-ft-lr5e-5-s0", "sentiment-ft-lr5e-5-s1",
-               "sentiment-lora-r8-merged"]
+INGREDIENTS = ["sentiment-ft-lr1e-4-s0", "sentiment-ft-lr1e-4-s1", "sentiment-ft-lr5e-5-s0", "sentiment-ft-lr5e-5-s1"]
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 

@@ -223,3 +223,25 @@ def test_merge_back_with_base_is_linear_merge(pair, tmp_path):
     b = load(merge([bdir, fdir], method="linear", weights=[0.7, 0.3], out=tmp_path / "m", quiet=True).out)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_cli_interpolate(bert_pair, tmp_path):
+    from typer.testing import CliRunner
+
+    from weightops.cli import app
+
+    base, ft, bdir, fdir = bert_pair
+    r = CliRunner().invoke(app, ["interpolate", str(bdir), str(fdir), "--alpha", "0", "--out", str(tmp_path / "m"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert all(torch.equal(v, base[k]) for k, v in load(tmp_path / "m").items())
+    ev = tmp_path / "ev.py"
+    ev.write_text("from safetensors.torch import load_file\n"
+                  "def score(m):\n    return float(load_file(str(m) + '/model.safetensors')['pooler.dense.bias'].sum())\n")
+    r = CliRunner().invoke(app, ["interpolate", str(bdir), str(fdir), "--alphas", "0,1", "--eval", f"b={ev}:score",
+                                 "--out", str(tmp_path / "r"), "--no-plot", "--no-cache"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "r" / "interpolation.json").read_text())
+    assert rep["curve"]["b"] == pytest.approx([float(base["pooler.dense.bias"].sum()), float(ft["pooler.dense.bias"].sum())])
+    assert "alpha" in r.output and not (tmp_path / "r" / "curve.png").exists()
+    r = CliRunner().invoke(app, ["interpolate", str(bdir), str(fdir), "--out", str(tmp_path / "x")])
+    assert isinstance(r.exception, WeightopsError) and not (tmp_path / "x").exists()
