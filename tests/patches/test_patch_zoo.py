@@ -8,6 +8,7 @@ from weightops.io.checkpoint import Checkpoint
 from weightops.patches import apply_patch, check_patch, create_patch
 
 
+@pytest.mark.slow  # builds the tiny zoo on a cold cache; ~80 s on a loaded 2-core machine even when cached
 def test_zoo_lora_patch_on_base_is_the_peft_merged_model(tmp_path):
     """The zoo's `-merged` model is PEFT's merge_and_unload of the adapter (BertForSequenceClassification names,
     `modules_to_save` classifier): the patch applied to the adapter's base must give the same weights."""
