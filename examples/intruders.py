@@ -15,6 +15,7 @@ and writes a summary to benchmarks/results/intruders_zoo.json.
 
     python examples/intruders.py                       # everything
     python examples/intruders.py --no-mitigation       # only the report
+    python examples/intruders.py --targets lora-r1,lora-r8,full-ft
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def main() -> None:
     ap.add_argument("--report", default=str(ROOT / "benchmarks" / "results" / "intruders_zoo"),
                     help="directory of the HTML report (replaced)")
     ap.add_argument("--summary", default=str(ROOT / "benchmarks" / "results" / "intruders_zoo.json"))
+    ap.add_argument("--targets", default=",".join(TARGETS), help=f"labels to compare, from {', '.join(TARGETS)}")
     ap.add_argument("--no-mitigation", action="store_true")
     ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N examples of each split")
     args = ap.parse_args()
@@ -44,7 +46,11 @@ def main() -> None:
 
     t0 = time.perf_counter()
     base = zoo.get("base")
-    paths = {label: zoo.get(name) for label, name in TARGETS.items()}
+    labels = [x.strip() for x in args.targets.split(",") if x.strip()]
+    unknown = [x for x in labels if x not in TARGETS]
+    if unknown:
+        raise SystemExit(f"unknown target label(s) {unknown}; choose from {list(TARGETS)}")
+    paths = {label: zoo.get(TARGETS[label]) for label in labels}
     print(f"zoo ready in {time.perf_counter() - t0:.0f} s", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="wo-intruders-") as tmp:
@@ -79,7 +85,7 @@ def main() -> None:
                   f" vs ε {t['counts_vs_eps']}")
         print(f"fast == exact at every ε: {same} (fast {fast_s:.1f} s incl. base SVDs, exact {exact_s:.1f} s)")
 
-        if not args.no_mitigation:
+        if not args.no_mitigation and "lora-r8" in paths:
             rows = []
             for lam in (1.0, 0.75, 0.5, 0.0):
                 out = Path(tmp) / f"mitigated-{lam}"

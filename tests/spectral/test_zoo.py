@@ -13,9 +13,12 @@ def test_lora_has_intruders_full_ft_nearly_none(tmp_path):
     zoo = pytest.importorskip("weightops.zoo")
     base = zoo.get("base", fast=True)
     lora, full = zoo.get("sentiment-lora-r8", fast=True), zoo.get("sentiment-ft-lr1e-4-s0", fast=True)
-    fast = analyse(str(base), [str(lora), str(full)], opts=Options(cache_dir=str(tmp_path)), quiet=True)
-    exact = analyse(str(base), [str(lora), str(full)], opts=Options(solver="exact", cache_dir=None), quiet=True)
-    t_lora, t_full = fast["targets"]
+    merged = zoo.get("sentiment-lora-r8-merged", fast=True)
+    fast = analyse(str(base), [str(lora), str(full), str(merged)], opts=Options(cache_dir=str(tmp_path)), quiet=True)
+    exact = analyse(str(base), [str(lora), str(full), str(merged)], opts=Options(solver="exact", cache_dir=None), quiet=True)
+    t_lora, t_full, t_merged = fast["targets"]
+    assert t_lora["solvers"] == {"lowrank": 36} and "subspace" in t_full["solvers"]
+    assert t_merged["counts_vs_eps"] == t_lora["counts_vs_eps"]  # the adapter is analysed as its merged model
     assert t_lora["n_matrices"] == t_full["n_matrices"] == 36  # 6 layers × (q, k, v, o, up, down)
     assert t_lora["total"] > 2 * max(t_full["total"], 1)
     assert [t["counts_vs_eps"] for t in fast["targets"]] == [t["counts_vs_eps"] for t in exact["targets"]]

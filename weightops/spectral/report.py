@@ -1,17 +1,13 @@
 """The intruder report on disk: report.json, index.html and PNG plots (matplotlib, Agg).
 
-Written into a temporary sibling directory and renamed into place, so a
-failed run leaves nothing half-written.
+Written into a temporary sibling directory and renamed into place
+(`weightops.io.writer.atomic_dir`), so a failed run leaves nothing half-written.
 """
 from __future__ import annotations
 
 import html
 import json
-import os
-import shutil
 from pathlib import Path
-
-from weightops.errors import OutputError
 
 
 def _plt():
@@ -137,14 +133,9 @@ def _html(report: dict, plots: list[str]) -> str:
 
 def write_report(report: dict, out_dir, *, force: bool = False) -> Path:
     """report.json, index.html and plots in `out_dir`, atomically."""
-    out = Path(out_dir)
-    if out.exists() and not force:
-        raise OutputError(f"{out} exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.weightops-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    from weightops.io.writer import atomic_dir
+
+    with atomic_dir(out_dir, force=force) as tmp:
         (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
         plots = [("Intruders per layer and module", "heatmap.png"), ("Intruders vs ε", "counts_vs_eps.png")]
         plot_heatmap(report, tmp / "heatmap.png")
@@ -154,17 +145,4 @@ def write_report(report: dict, out_dir, *, force: bool = False) -> Path:
             plots += [(f"Singular values of {report['detail']['name']}", "spectrum.png"),
                       (f"Cosine similarity of {report['detail']['name']}", "cosine.png")]
         (tmp / "index.html").write_text(_html(report, plots))
-        if out.exists():
-            old = out.parent / f".{out.name}.weightops-old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
