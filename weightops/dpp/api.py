@@ -7,8 +7,8 @@ manifest under "dpp".
 """
 from __future__ import annotations
 
-import math
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,7 +238,6 @@ def select_q(base, finetuned, rate, *, q_by=None, metric=None, proxy_data=None, 
              max_len=128, eta=None, gamma=analytic_q.GAMMA, stop_frac=analytic_q.STOP_FRAC, how="grid", lo=None,
              hi=None, step=None, seed=0, keep=None, quiet=True, model_index=0):
     """(global q, per-tensor q map or None, log) for DAREx-q; see docs/dpp.md."""
-    from weightops.dpp import q_search as qs
     from weightops.io.checkpoint import is_adapter_dir
 
     if q_by is None:
@@ -266,6 +265,21 @@ def select_q(base, finetuned, rate, *, q_by=None, metric=None, proxy_data=None, 
     scorer, scorer_log = _scorer(base, finetuned, rate, metric if q_by != "proxy" else None,
                                  proxy_data if q_by != "metric" else None, max_inputs, max_len, seed, keep, model_index)
     log: dict = {"by": q_by, **scorer_log}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc="η search" if q_by == "analytic" else "q search", unit="candidate", disable=quiet, delay=1.0,
+               dynamic_ncols=True, file=sys.stderr)
+    try:
+        return _select(base, finetuned, rate, q_by, _with_progress(scorer, bar) if scorer else None, log, calib_data,
+                       max_inputs, max_len, eta, gamma, stop_frac, how, lo, hi, step)
+    finally:
+        bar.close()
+
+
+def _select(base, finetuned, rate, q_by, scorer, log, calib_data, max_inputs, max_len, eta, gamma, stop_frac, how,
+            lo, hi, step):
+    from weightops.dpp import q_search as qs
+
     if q_by == "analytic":
         from weightops.dpp.calibration import calibrate
         from weightops.io.checkpoint import Checkpoint
@@ -292,6 +306,16 @@ def select_q(base, finetuned, rate, *, q_by=None, metric=None, proxy_data=None, 
     res = qs.search(lambda q: scorer(q, None), lo, hi, how=how, step=step)
     log.update(res.as_dict())
     return res.x, None, log
+
+
+def _with_progress(scorer, bar):
+    """Count candidates on `bar`, showing the last value and score."""
+    def score(q, q_map):
+        s = scorer(q, q_map)
+        bar.update(1)
+        bar.set_postfix_str(f"q={q:.4g} score={s:.4g}" if q is not None else f"score={s:.4g}")
+        return s
+    return score
 
 
 def _scorer(base, finetuned, rate, metric, proxy_data, max_inputs, max_len, seed, keep, model_index=0):
