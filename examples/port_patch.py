@@ -137,10 +137,10 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_yticks(list(y), [r["model"] for r in rows])
     ax.invert_yaxis()
     ax.axvline(0.5, color="grey", lw=0.8, ls=":")
-    ax.set_xlim(0.0, 1.0)
+    ax.set_xlim(0.0, 1.02)
     ax.set_xlabel(f"{TASK} accuracy")
     ax.set_title("Porting a v1 fine-tune to an evolved v2 without training (PortLLM)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
