@@ -20,11 +20,9 @@ import math
 import re
 from dataclasses import dataclass, field
 
-import torch
-
 from weightops.errors import AlignmentError, WeightopsError
 from weightops.io.checkpoint import Checkpoint
-from weightops.patches.format import HASH_BLOCK, Patch, dtype_name
+from weightops.patches.format import HASH_BLOCK, Patch, dtype_name, raw_bytes
 
 RENAME_SEP = "=>"
 
@@ -174,7 +172,7 @@ def _drift(rep: CheckReport, p: Patch, target: Checkpoint, v1: Checkpoint, quiet
             for start in range(0, numel, HASH_BLOCK):
                 stop = min(numel, start + HASH_BLOCK)
                 a, b = v1.read(name, start, stop), target.read(t, start, stop)
-                h.update(a.contiguous().view(torch.uint8).numpy())
+                h.update(raw_bytes(a))
                 a64 = a.double()
                 sq += float((b.double() - a64).square().sum())
                 v1_sq += float(a64.square().sum())

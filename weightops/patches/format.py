@@ -26,7 +26,7 @@ import torch
 
 from weightops.errors import CheckpointError
 from weightops.io.adapter import LoraFactor
-from weightops.io.safetensors_file import DTYPES, SafetensorsFile, TensorInfo
+from weightops.io.safetensors_file import SafetensorsFile, TensorInfo
 
 FORMAT = "weightops-patch"
 FORMAT_VERSION = 1
@@ -41,23 +41,20 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def parse_dtype_name(name: str) -> torch.dtype:
-    dt = getattr(torch, name, None)
-    if not isinstance(dt, torch.dtype) or dt not in DTYPES.values():
-        raise CheckpointError(f"unknown dtype '{name}' in a patch")
-    return dt
-
-
 def tensor_sha256(src, name: str) -> str:
     """sha256 of a tensor's raw bytes, read block by block (pages released as we go)."""
     h = hashlib.sha256()
     numel = src.infos[name].numel
     for start in range(0, numel, HASH_BLOCK):
         stop = min(numel, start + HASH_BLOCK)
-        x = src.read(name, start, stop)
-        h.update(x.contiguous().view(torch.uint8).numpy())
+        h.update(raw_bytes(src.read(name, start, stop)))
         src.release(name, start, stop)
     return h.hexdigest()
+
+
+def raw_bytes(x: torch.Tensor):
+    """A tensor's bytes as they are on disk (for hashing)."""
+    return x.contiguous().view(torch.uint8).numpy()
 
 
 def _canonical(obj) -> bytes:
@@ -163,8 +160,7 @@ class Patch:
             self._check_entry(e)
 
     def _sha(self, info: TensorInfo) -> str:
-        x = self.file.read(info, 0, info.numel)
-        return hashlib.sha256(x.contiguous().view(torch.uint8).numpy()).hexdigest()
+        return hashlib.sha256(raw_bytes(self.file.read(info, 0, info.numel))).hexdigest()
 
     def _check_entry(self, e: PatchEntry) -> None:
         t = self.file.tensors
