@@ -68,9 +68,13 @@ def apply_patch(patch, to, out, *, scale: float = 1.0, rename=None, as_adapter: 
                 clamp: bool = False, strict: bool = False, force: bool = False, quiet: bool = False,
                 command: list[str] | None = None) -> MergeResult:
     """Write V2 (`to`) plus the patch to `out` (a model, or with `as_adapter` a PEFT adapter)."""
-    scale = float(scale)
+    given = scale
+    try:
+        scale = float(scale)  # recipes may hand over YAML 1.1 strings such as "1e-1"
+    except (TypeError, ValueError):
+        scale = math.nan
     if not math.isfinite(scale):
-        raise WeightopsError(f"--scale must be a finite number, got {scale}")
+        raise WeightopsError(f"--scale must be a finite number, got {given!r}")
     p = Patch(patch)
     target = Checkpoint(to)
     rep = check_patch(p, target, rename=rename, allow_dtype_mix=allow_dtype_mix)
