@@ -54,7 +54,8 @@ class PatchAdd(Method):
         stop = start + base.numel()
         if entry.kind == "value":
             return self.patch.value(entry, start, stop)
-        return base.float() + self.scale * self.patch.delta(entry, start, stop)
+        # s folds into the factor's scale, and the add promotes a bf16/fp16 base to fp32: one pass, no copies
+        return torch.add(base, self.patch.delta(entry, start, stop, self.scale))
 
 
 def _patch_info(p: Patch, scale: float, renamed: dict) -> dict:

@@ -173,17 +173,18 @@ class Patch:
             raise CheckpointError(f"{self.path}: '{e.keys[0]}' is {list(t[e.keys[0]].shape)}, entry says {list(e.shape)}")
 
     # -- reading -------------------------------------------------------------------
-    def factor(self, e: PatchEntry) -> LoraFactor:
+    def factor(self, e: PatchEntry, times: float = 1.0) -> LoraFactor:
         t = self.file.tensors
-        return LoraFactor(t[e.keys[0]], t[e.keys[1]], e.scale, e.layout != "linear", e.rank, e.alpha)
+        return LoraFactor(t[e.keys[0]], t[e.keys[1]], e.scale * times, e.layout != "linear", e.rank, e.alpha)
 
-    def delta(self, e: PatchEntry, start: int, stop: int) -> torch.Tensor:
-        """Flat elements [start, stop) of ΔW in fp32 (lowrank: only the rows the block covers)."""
+    def delta(self, e: PatchEntry, start: int, stop: int, times: float = 1.0) -> torch.Tensor:
+        """Flat elements [start, stop) of times·ΔW in fp32 (lowrank: only the rows the block covers)."""
         if e.kind == "lowrank":
-            return self.factor(e).delta(e.shape, start, stop)
+            return self.factor(e, times).delta(e.shape, start, stop)
         if e.kind == "dense":
             info = self.file.tensors[e.keys[0]]
-            return self.file.read(info, start, stop).float()
+            d = self.file.read(info, start, stop).float()
+            return d if times == 1.0 else d * times
         raise ValueError(f"'{e.name}' is a value entry: it has no delta")
 
     def value(self, e: PatchEntry, start: int, stop: int) -> torch.Tensor:
