@@ -36,7 +36,7 @@ KEEP = "classifier"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="zoo:sentiment-ft-lr1e-4-s0,build:1e-3",
+    ap.add_argument("--models", default="zoo:sentiment-ft-lr1e-4-s0,build:3e-4",
                     help="comma-separated: zoo:<name> (a zoo fine-tune) or build:<lr> (the zoo's sentiment recipe, "
                          "60 steps, at learning rate lr; built once under ~/.cache/weightops/dpp-example)")
     ap.add_argument("--rates", default="0.5,0.7,0.8,0.9,0.95,0.98,0.99")
@@ -117,7 +117,7 @@ def sweep(spec: str, rates, args, unlabelled, proxy_file) -> dict:
                       f"acc {a:.4f} proxy {pr:.4g}", flush=True)
     p = 0.99
     if p in rates:
-        qv = select_q(base, ft, p, q_by="metric", metric=f"zoo:{TASK}:validation", keep=KEEP, seed=0)
+        qv = select_q(base, ft, p, q_by="metric", metric=f"zoo:{TASK}:validation:200", keep=KEEP, seed=0)
         qa = select_q(base, ft, p, q_by="analytic", calib_data=str(proxy_file), proxy_data=str(proxy_file),
                       keep=KEEP, seed=0)
         extra = {"q_by_metric": qv[0], "q_by_metric_evaluated": qv[2]["evaluated"], "analytic_eta": qa[2]["eta"],

@@ -111,3 +111,27 @@ def test_cli_bad_input_exit_code_and_nothing_written(tmp_path, tiny_models):
                         "--q", "0.001"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "error: --q must be in" in r.stderr
     assert not out.exists()
+
+
+def test_cli_delta_stats_recommend_and_delta_round_trip(tmp_path, tiny_models):
+    import json
+
+    from typer.testing import CliRunner
+
+    from weightops.cli import app
+    from weightops.io.checkpoint import Checkpoint
+
+    b, f = str(tiny_models["base"]), str(tiny_models["ft0"])
+    r = CliRunner().invoke(app, ["delta-stats", b, f, "--json", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["model"]["numel"] > 0
+    r = CliRunner().invoke(app, ["recommend-dpp", b, f, "--rate", "0.99", "--unlabelled"])
+    assert r.exit_code == 0 and "recommended: magnitude" in r.output  # the tiny fine-tunes have p99 |δ| ~ 0.05: large
+    for fmt, out in (("model", "m"), ("delta", "d")):
+        r = CliRunner().invoke(app, ["prune", "--base", b, "--finetuned", f, "--out", str(tmp_path / out), "--method",
+                                     "della", "--rate", "0.8", "--format", fmt])
+        assert r.exit_code == 0 and "kept" in r.output, r.output
+    r = CliRunner().invoke(app, ["apply-delta", b, str(tmp_path / "d"), "--out", str(tmp_path / "a"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    x, y = Checkpoint(tmp_path / "m").load(), Checkpoint(tmp_path / "a").load()
+    assert all(torch.equal(x[k], y[k]) for k in x)
