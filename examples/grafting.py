@@ -39,6 +39,7 @@ HEAD = r"^(classifier|bert\.pooler)\."  # trained from a random init by the zoo 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sparsities", default="1e-3,1e-2,3e-2,0.1,0.3")
+    ap.add_argument("--random-sparsities", default="0.03,0.1", help="control: random masks of the same size")
     ap.add_argument("--learn-sparsities", default="1e-2")
     ap.add_argument("--learn-train", type=int, default=32, help="training examples for the learned masks (few-shot)")
     ap.add_argument("--learn-steps", type=int, default=10)
@@ -83,7 +84,7 @@ def main() -> None:
             if task in results["tasks"]:
                 continue
             ft = _model(name)
-            r = {"finetuned": acc(ft, task), "graft": [], "learned": []}
+            r = {"finetuned": acc(ft, task), "graft": [], "learned": [], "random": []}
             g0 = work / f"{task}-head"
             graft(base, ft, out=g0, k=0, whole=HEAD)
             r["head_only"] = acc(g0, task)
@@ -97,6 +98,13 @@ def main() -> None:
                 r["graft"].append({"sparsity": sp, "k": m["k"], "n_eligible": m["n_eligible"],
                                    "threshold": m["threshold"], "accuracy": acc(out, task), "graft_seconds": round(secs, 2)})
                 print(f"{task}: graft {sp:g} (k={m['k']}): {r['graft'][-1]['accuracy']}", flush=True)
+                shutil.rmtree(out)
+            for sp in [float(x) for x in args.random_sparsities.split(",") if x]:
+                out, mask = work / f"{task}-random-{sp:g}", work / f"{task}-random-{sp:g}-mask"
+                _random_mask(base, mask, sp, HEAD)
+                graft(base, ft, out=out, mask=mask)
+                r["random"].append({"sparsity": sp, "accuracy": acc(out, task)})
+                print(f"{task}: random {sp:g}: {r['random'][-1]['accuracy']}", flush=True)
                 shutil.rmtree(out)
             for sp in learn_sp:
                 t0 = time.perf_counter()
@@ -121,8 +129,8 @@ def main() -> None:
         sp = args.overlap_sparsity
         if len(set(tasks) | set(results["tasks"])) < 2:
             results["seconds_last_run"] = round(time.perf_counter() - t_start, 1)
-            RESULTS.mkdir(parents=True, exist_ok=True)
-            _plot(results, RESULTS / "grafting_curve.png")
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            _plot(results, Path(args.out).parent / "grafting_curve.png")
             Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
             print(f"wrote {args.out} (one task: no overlap)")
             return
@@ -133,18 +141,35 @@ def main() -> None:
             masks.append(p)
         rep = overlap(masks, labels=list(OVERLAP))
         print(overlap_table(rep))
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        overlap_heatmap(rep, RESULTS / "grafting_overlap.png")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        overlap_heatmap(rep, Path(args.out).parent / "grafting_overlap.png")
         results["overlap"] = {"sparsity": sp, "labels": rep["labels"], "models": OVERLAP,
                               "chance_jaccard": sp / (2 - sp),  # two independent random masks of density sp
                               "overall": rep["overall"],
                               "per_layer_jaccard": {g: v["jaccard"] for g, v in rep["per_layer"].items()}}
         results["seconds_last_run"] = round(time.perf_counter() - t_start, 1)
-        _plot(results, RESULTS / "grafting_curve.png")
+        _plot(results, Path(args.out).parent / "grafting_curve.png")
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-        print(f"wrote {args.out}, {RESULTS / 'grafting_curve.png'}, {RESULTS / 'grafting_overlap.png'}")
+        print(f"wrote {args.out}, {Path(args.out).parent / 'grafting_curve.png'}, {Path(args.out).parent / 'grafting_overlap.png'}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _random_mask(base, path, density: float, whole: str, seed: int = 0) -> None:
+    """Each layer element selected with probability `density` (Philox, as DARE's masks), the head whole."""
+    from weightops import ops
+    from weightops.io.checkpoint import Checkpoint
+    from weightops.sparse import write_mask
+    from weightops.sparse.graft import eligible_names
+
+    infos = Checkpoint(base).infos
+    elig, wholes = eligible_names(infos, None, whole)
+    thr = ops.drop_threshold(1 - density)
+    entries = [(n, infos[n].shape, infos[n].dtype, None) for n in wholes]
+    entries += [(n, infos[n].shape, infos[n].dtype,
+                 ops.philox_keep_mask(ops.model_key(seed, 0, n), 0, infos[n].numel, thr).nonzero().flatten())
+                for n in elig]
+    write_mask(path, entries, {"method": {"name": "random", "density": density, "seed": seed}})
 
 
 def _model(name: str) -> Path:
@@ -169,6 +194,9 @@ def _plot(results: dict, png: Path) -> None:
         if r["learned"]:
             ax.plot([g["sparsity"] for g in r["learned"]], [g["accuracy"] for g in r["learned"]], "s--", color=c,
                     label=f"{task}: learned")
+        if r.get("random"):
+            ax.plot([g["sparsity"] for g in r["random"]], [g["accuracy"] for g in r["random"]], "x", color=c, ms=8,
+                    label=f"{task}: random mask (control)")
         ax.axhline(r["finetuned"], color=c, lw=0.8, ls=":", label=f"{task}: fine-tuned")
         ax.axhline(r["head_only"], color=c, lw=0.8, ls="-.", alpha=0.6, label=f"{task}: head only")
     ax.set_xscale("log")
