@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_bert_state, write_model  # the root tests/conftest.py
+from checkpoints import make_bert_state, write_model  # the root tests/conftest.py
 
 WORDS = ["the", "a", "movie", "film", "was", "is", "good", "bad", "great", "awful", "plot", "actor", "i", "liked",
          "hated", "it", "very", "not", "and", "but", "story", "music", "boring", "fun", "really", "so"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_bert_state, write_model
+from checkpoints import make_bert_state, write_model
 
 
 def run_cli(*args, cwd=None):

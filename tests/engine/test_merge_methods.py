@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_bert_state, write_model
+from checkpoints import make_bert_state, write_model
 from weightops.engine import merge
 from weightops.io.checkpoint import Checkpoint
 from weightops.methods import reference as R

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import TINY_BERT, make_bert_state, write_model  # noqa: E402
+from checkpoints import TINY_BERT, make_bert_state, write_model  # noqa: E402
 
 LORA_TARGETS = ["query", "value", "intermediate.dense", "word_embeddings"]
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import write_model
+from checkpoints import write_model
 from patchkit import cli, one_error_line, versions  # noqa: F401  (fixture)
 from weightops.errors import AlignmentError, CheckpointError
 from weightops.io.checkpoint import Checkpoint

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_model
+from checkpoints import write_model
 from patchkit import make_adapter, peft_merged, versions  # noqa: F401  (fixture)
 from weightops.errors import AlignmentError, WeightopsError
 from weightops.io.checkpoint import Checkpoint

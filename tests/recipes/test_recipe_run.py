@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "patches"))
-from conftest import make_bert_state, write_model  # noqa: E402
+from checkpoints import make_bert_state, write_model  # noqa: E402
 from patchkit import cli, one_error_line  # noqa: E402
 from weightops import recipes  # noqa: E402
 from weightops.io.checkpoint import Checkpoint  # noqa: E402

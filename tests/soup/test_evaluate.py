@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_bert_state, write_model
+from checkpoints import make_bert_state, write_model
 from weightops.errors import WeightopsError
 from weightops.evaluate import (content_key, evaluate_many, evaluate_state, make_evaluator, perplexity,
                                 scratch_dir)

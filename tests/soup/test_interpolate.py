@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_bert_state, write_model
+from checkpoints import make_bert_state, write_model
 from weightops.errors import OutputError, WeightopsError
 from weightops.interpolate import (groups_of, interpolate, layer_group, parse_alphas, path_stats, rank_stragglers,
                                    sweep)

@@ -23,7 +23,7 @@ from weightops.recipes import run_recipe
 def tiny_models(tmp_path_factory):
     """base + three fine-tunes with few tensors (exact per-tensor thresholds have a fixed cost per tensor):
     two 'layers', a feed-forward ('intermediate') tensor in each for filters, a head, an integer buffer."""
-    from conftest import write_model
+    from checkpoints import write_model
 
     root = tmp_path_factory.mktemp("mk")
     g = torch.Generator().manual_seed(0)

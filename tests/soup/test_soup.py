@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import make_bert_state, write_model
+from checkpoints import make_bert_state, write_model
 from weightops.errors import WeightopsError
 from weightops.io.checkpoint import Checkpoint
 from weightops.soup import soup
