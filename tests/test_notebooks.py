@@ -1,6 +1,7 @@
 """The notebooks in notebooks/: executed end to end (nbclient), stored without outputs, listed in the README.
 
     pytest -m notebooks          (or: make notebooks)
+    WEIGHTOPS_NB_OUT=DIR pytest -m notebooks      # also keep the executed notebooks (with outputs) in DIR
 
 Each notebook builds or reuses the zoo models it names (the fast subset, plus
 sentiment-lora-r1 for 05 and v2-base / sentiment-v2-ft for 06) and writes
@@ -8,6 +9,7 @@ only under a temporary directory it deletes at the end.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -46,7 +48,13 @@ def test_notebook_runs(path, tmp_path):
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    keep = os.environ.get("WEIGHTOPS_NB_OUT")
+    try:
+        NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
+                       resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            nbformat.write(nb, Path(keep) / path.name)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
