@@ -129,8 +129,11 @@ def main() -> None:
     ap.add_argument("--layers", default="2,1", help="layers per size, comma-separated")
     ap.add_argument("--modules", default="q_proj", help="square attention matrices per layer (q_proj,k_proj,v_proj,o_proj)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "intruders.json"))
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sizes = [int(x) for x in args.sizes.split(",")]
     layers = [int(x) for x in args.layers.split(",")]
     layers += [layers[-1]] * (len(sizes) - len(layers))

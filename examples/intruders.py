@@ -9,7 +9,7 @@ at rank 1, 8 and 64, plus rank 64 with rsLoRA. This script
    `weightops.spectral.analyse` — the same as
        weightops intruders BASE LORA_R1 LORA_R8 LORA_R64 LORA_R64_RS FULL_FT --labels ... --out DIR
 3. checks the fast path against the full-SVD reference (`--exact`): counts equal,
-4. mitigation: writes the LoRA r=8 model with the intruders' σ scaled by
+4. mitigation: writes the LoRA r=8 model (--mitigate) with the intruders' σ scaled by
    λ ∈ {1, 0.75, 0.5, 0} and measures intruders and accuracy (test, shifted test),
 and writes a summary to benchmarks/results/intruders_zoo.json.
 
@@ -37,6 +37,8 @@ def main() -> None:
                     help="directory of the HTML report (replaced)")
     ap.add_argument("--summary", default=str(ROOT / "benchmarks" / "results" / "intruders_zoo.json"))
     ap.add_argument("--targets", default=",".join(TARGETS), help=f"labels to compare, from {', '.join(TARGETS)}")
+    ap.add_argument("--mitigate", default="lora-r8", help="the target whose intruders are scaled (default lora-r8, "
+                    "else the first LoRA among --targets)")
     ap.add_argument("--no-mitigation", action="store_true")
     ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N examples of each split")
     args = ap.parse_args()
@@ -85,20 +87,21 @@ def main() -> None:
                   f" vs ε {t['counts_vs_eps']}")
         print(f"fast == exact at every ε: {same} (fast {fast_s:.1f} s incl. base SVDs, exact {exact_s:.1f} s)")
 
-        if not args.no_mitigation and "lora-r8" in paths:
+        mit = args.mitigate if args.mitigate in paths else next((x for x in paths if x.startswith("lora")), None)
+        if not args.no_mitigation and mit is not None:
             rows = []
             for lam in (1.0, 0.75, 0.5, 0.0):
                 out = Path(tmp) / f"mitigated-{lam}"
-                mrep, res = write_model(str(base), str(paths["lora-r8"]), str(out), lam=lam,
+                mrep, res = write_model(str(base), str(paths[mit]), str(out), lam=lam,
                                         opts=Options(cache_dir=str(cache)), quiet=True)
                 after = analyse(str(base), [str(out)], opts=Options(cache_dir=str(cache)), quiet=True)["targets"][0]
                 row = {"lambda": lam, "scaled": res.manifest["intruders"]["total"], "intruders_after": after["total"]}
                 for split in ("test", "test_shifted"):
                     row[f"acc_{split}"] = round(zoo.evaluate(out, "sentiment", split, limit=args.limit), 4)
                 rows.append(row)
-                print(f"lora-r8 mitigated λ={lam}: {row}", flush=True)
+                print(f"{mit} mitigated λ={lam}: {row}", flush=True)
                 shutil.rmtree(out, ignore_errors=True)
-            summary["mitigation_lora_r8"] = rows
+            summary["mitigation"] = {"target": mit, "rows": rows, "eval_limit": args.limit}
     Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
     Path(args.summary).write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {args.summary} and {args.report}/index.html")
