@@ -33,6 +33,15 @@ def test_stored_without_outputs(path):
     assert not dirty, f"{path.name}: cells {dirty} hold outputs; clear them before committing"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_code_cells_compile(path):
+    """A syntax error is caught here in milliseconds, not minutes into the notebook run."""
+    nb = nbformat.read(path, as_version=4)
+    for i, c in enumerate(nb.cells):
+        if c.cell_type == "code":
+            compile(c.source, f"{path.name}, cell {i}", "exec")
+
+
 def test_readme_lists_every_notebook():
     readme = (ROOT / "README.md").read_text()
     section = re.search(r"^## Notebooks\n(.*?)(?=^## )", readme, re.S | re.M)
