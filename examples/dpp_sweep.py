@@ -61,13 +61,19 @@ def main() -> None:
     try:
         for spec in args.models.split(","):
             out["models"].append(sweep(spec, rates, args, unlabelled, proxy_file))
+            out["seconds"] = round(time.perf_counter() - t0, 1)
+            save(out, args)  # after each model, so a long run leaves results behind
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    out["seconds"] = round(time.perf_counter() - t0, 1)
+
+
+def save(out, args) -> None:
     Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out_json).write_text(json.dumps(out, indent=2) + "\n")
+    Path(args.out_json).write_text(json.dumps({**out, "command": "python examples/dpp_sweep.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and not k.startswith("out"))},
+        indent=2) + "\n")
     plot(out, Path(args.out_png))
-    print(f"wrote {args.out_json} and {args.out_png} ({out['seconds']} s)")
+    print(f"wrote {args.out_json} and {args.out_png} ({out['seconds']} s)", flush=True)
 
 
 def sweep(spec: str, rates, args, unlabelled, proxy_file) -> dict:
