@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -25,6 +26,7 @@ def test_per_model_q_list(tmp_path, tiny_models):
     assert m["params"]["q"] == [0.5, 0.9]
 
 
+@pytest.mark.slow  # ~10-20 s: a proxy q search through the merge CLI
 def test_merge_q_auto_matches_prune_with_that_q(tmp_path, tiny_bert):  # noqa: F811
     from weightops.dpp.api import prune
 
