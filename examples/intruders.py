@@ -46,13 +46,18 @@ def main() -> None:
     from weightops import zoo
     from weightops.spectral import Options, analyse, write_model, write_report
 
+    def model(name: str) -> Path:
+        """A built zoo model without waiting for the zoo's build lock (another build may hold it), else build it."""
+        built = {c["name"] for c in zoo.list_models()}
+        return zoo.zoo_dir() / name if name in built else zoo.get(name)
+
     t0 = time.perf_counter()
-    base = zoo.get("base")
+    base = model("base")
     labels = [x.strip() for x in args.targets.split(",") if x.strip()]
     unknown = [x for x in labels if x not in TARGETS]
     if unknown:
         raise SystemExit(f"unknown target label(s) {unknown}; choose from {list(TARGETS)}")
-    paths = {label: zoo.get(TARGETS[label]) for label in labels}
+    paths = {label: model(TARGETS[label]) for label in labels}
     print(f"zoo ready in {time.perf_counter() - t0:.0f} s", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="wo-intruders-") as tmp:
