@@ -64,9 +64,17 @@ class TensorJob:
 
     def blocks(self, which: list[int] | None = None) -> Iterator[tuple[int, torch.Tensor | None, list[torch.Tensor]]]:
         """(start, base block, blocks of the models in `which`) over the whole tensor, for statistics passes."""
+        idx = range(len(self.models)) if which is None else which
+        sources = ([self.base] if self.base is not None else []) + [self.models[i] for i in idx]
         for start, stop in self.ranges():
             base, models = self.read_block(self, start, stop, which)
             yield start, base, models
+            # Drop the pages once the consumer moves on: a model-wide pass
+            # (global TIES) would otherwise keep the whole model resident.
+            for src in sources:
+                release = getattr(src, "release", None)
+                if release is not None:
+                    release(self.name, start, stop)
 
 
 class Method:
