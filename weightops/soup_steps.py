@@ -8,7 +8,7 @@
     - step: interpolate     # weightops interpolate (a sweep with eval, else one model at alpha)
       base: ${zoo:base}
       ft: ${out}/soup
-      alphas: 0:1:0.1
+      alphas: "0:1:0.1"   # quoted (YAML reads unquoted 0:1:0.1 as a base-60 number) or a list
       eval: {id: zoo:sentiment:test, ood: zoo:sentiment:test_shifted}
       out: ${out}/wise
     - step: mergekit        # a mergekit YAML config (a file or the mapping inline)
@@ -70,6 +70,9 @@ def interpolate_step(base, ft, out, alphas="0:1:0.1", alpha=None, eval=None, per
                            force=force, quiet=quiet, command=command)
     if eval is None:
         raise WeightopsError("interpolate step: give eval (a sweep) or alpha (one model)")
+    if isinstance(alphas, (int, float)):
+        raise WeightopsError(f"interpolate step: alphas is the number {alphas}; quote start:stop:step in YAML "
+                             "(alphas: \"0:1:0.1\", unquoted it is read as base 60) or give a list")
     return sweep(base, ft, alphas=alphas, evals=eval, out=out, per_layer=per_layer, groups=groups,
                  group_by=group_by, rest_alpha=rest_alpha, sparsify=sparsify_layers, density=density,
                  workers=workers, dtype=dtype, force=force, quiet=quiet)

@@ -167,3 +167,30 @@ def test_learned_soup_per_layer(flipped_pair, tmp_path):
     w = per.weights["classifier"]
     want = (torch.tensor(w[0]).float() * a["classifier.weight"].float() + torch.tensor(w[1]).float() * b["classifier.weight"].float())
     torch.testing.assert_close(got["classifier.weight"], want, rtol=1e-6, atol=1e-7)
+
+
+def test_recipe_soup_and_interpolate_steps(kitchen, tmp_path):
+    import yaml
+
+    from weightops.recipes import run_recipe
+
+    target, good, bad = kitchen
+    ev = tmp_path / "ev.py"
+    ev.write_text("from safetensors.torch import load_file\n"
+                  f"def score(m):\n    return -float(load_file(str(m) + '/model.safetensors')['{KEY}'].abs().mean())\n")
+    recipe = {"vars": {"out": str(tmp_path / "runs")}, "steps": [
+        {"step": "soup", "models": [str(good[0]), str(good[1]), str(bad)], "method": "greedy", "eval": f"{ev}:score",
+         "out": "${out}/soup"},
+        {"step": "interpolate", "base": str(good[0]), "ft": "${out}/soup", "alphas": [0, 1], "eval": f"{ev}:score",
+         "out": "${out}/wise"},
+        {"step": "interpolate", "base": str(good[0]), "ft": "${out}/soup", "alpha": 0.5, "out": "${out}/half"}]}
+    path = tmp_path / "r.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    res = run_recipe(path, quiet=True)
+    assert res.ok and [r.status for r in res.runs] == ["ok"] * 3
+    assert (tmp_path / "runs" / "soup" / "soup.json").is_file()
+    assert json.loads((tmp_path / "runs" / "wise" / "interpolation.json").read_text())["alphas"] == [0.0, 1.0]
+    recipe["steps"][1]["alphas"] = 60.25  # what YAML makes of an unquoted 0:1:0.25
+    path.write_text(yaml.safe_dump({**recipe, "steps": recipe["steps"][1:2]}))
+    with pytest.raises(WeightopsError, match="quote"):
+        run_recipe(path, {"out": str(tmp_path / "runs2")}, quiet=True)
