@@ -10,6 +10,7 @@ not by the model size: touched pages of a mapping count in RSS.
 """
 from __future__ import annotations
 
+import math
 import hashlib
 import json
 import mmap
@@ -58,10 +59,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def itemsize(self) -> int:

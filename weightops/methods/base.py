@@ -9,6 +9,7 @@ that need model-wide statistics (TIES with a global trim) get one call to
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterator
 
@@ -52,10 +53,7 @@ class TensorJob:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     def ranges(self) -> Iterator[tuple[int, int]]:
         n = self.numel
