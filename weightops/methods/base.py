@@ -38,6 +38,9 @@ class MergeParams:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
+STATS_MIN_BLOCK = 1 << 16  # elements
+
+
 @dataclass
 class TensorJob:
     """One output tensor: its inputs, and block-wise access to them."""
@@ -55,16 +58,18 @@ class TensorJob:
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    def ranges(self) -> Iterator[tuple[int, int]]:
-        n = self.numel
-        for start in range(0, n, self.block_size):
-            yield start, min(n, start + self.block_size)
+    def ranges(self, block_size: int | None = None) -> Iterator[tuple[int, int]]:
+        n, step = self.numel, block_size or self.block_size
+        for start in range(0, n, step):
+            yield start, min(n, start + step)
 
     def blocks(self, which: list[int] | None = None) -> Iterator[tuple[int, torch.Tensor | None, list[torch.Tensor]]]:
         """(start, base block, blocks of the models in `which`) over the whole tensor, for statistics passes."""
         idx = range(len(self.models)) if which is None else which
         sources = ([self.base] if self.base is not None else []) + [self.models[i] for i in idx]
-        for start, stop in self.ranges():
+        # Statistics are exact whatever the blocking, so tiny output blocks need
+        # not mean tiny (per-call-overhead-bound) statistics blocks.
+        for start, stop in self.ranges(max(self.block_size, STATS_MIN_BLOCK)):
             base, models = self.read_block(self, start, stop, which)
             yield start, base, models
             # Drop the pages once the consumer moves on: a model-wide pass
