@@ -12,7 +12,7 @@ unpruned, as the DAREx encoder code does (`--keep classifier`).
 
 Candidates are scored in memory (`weightops.dpp.inmemory.PrunedModel`, the
 same code the streaming writer runs); the p = 0.99 DARE and DAREx-q models
-are then written with `weightops.dpp.prune` (model and sparse delta) and
+are then written with `weightops.dpp.prune()` (model and sparse delta) and
 re-scored from disk as a check.
 
     python examples/dpp_sweep.py                       # both models, 7 rates, 3 seeds
@@ -82,7 +82,7 @@ def sweep(spec: str, rates, args, unlabelled, proxy_file) -> dict:
     import weightops.zoo as zoo
     from weightops.dpp.api import prune, select_q
     from weightops.dpp.inmemory import PrunedModel
-    from weightops.dpp.prune import PruneParams
+    from weightops.dpp.rules import PruneParams
     from weightops.dpp.q_search import load_for_proxy, make_proxy
     from weightops.dpp.stats import delta_stats, recommend_dpp
     from weightops.zoo.runtime import deterministic

@@ -46,7 +46,7 @@ def _run(tmp_path, b, f, kw, fmt, block):
 def _prune_with_norms(b, f, *, out, rate, seed, block_size, quiet, format, method, scope=None):
     """prune() with WANDA norms injected (the calibration path is tested in test_calibration.py)."""
     from weightops.dpp import api
-    from weightops.dpp.prune import PruneParams
+    from weightops.dpp.rules import PruneParams
 
     params = PruneParams(rate=rate, seed=seed, scope=scope, norms=NORMS)
     writer = api._write_model if format == "model" else api._write_delta
@@ -109,3 +109,11 @@ def test_manifest_logs_choices(tmp_path, tiny_models):
     m = json.loads((tmp_path / "p" / "weightops.json").read_text())
     assert m["dpp"]["method"] == "darex-q" and m["dpp"]["q"] == {"by": "given", "value": 0.4}
     assert m["params"]["q"] == 0.4 and 0 < m["dpp"]["kept"] < m["dpp"]["total"]
+
+
+def test_public_prune_is_the_function_after_any_import():
+    """`from weightops.dpp import prune` must not give a submodule of the same name."""
+    import weightops.dpp.api  # noqa: F401  (imports every dpp submodule)
+    from weightops.dpp import prune
+
+    assert callable(prune) and prune.__module__ == "weightops.dpp.api"

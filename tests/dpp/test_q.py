@@ -173,7 +173,7 @@ def test_tensor_q_map_bias_inherits_and_others_take_mean(tmp_path):
 def test_auto_q_by_proxy_minimises_the_proxy_and_is_logged(tmp_path, tiny_bert):  # noqa: F811
     from weightops.dpp.api import prune
     from weightops.dpp.inmemory import PrunedModel
-    from weightops.dpp.prune import PruneParams
+    from weightops.dpp.rules import PruneParams
     from weightops.dpp.q_search import load_for_proxy, make_proxy, read_texts
 
     r = prune(tiny_bert["base"], tiny_bert["ft"], out=tmp_path / "p", method="darex-q", rate=0.95, q="auto",

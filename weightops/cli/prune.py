@@ -125,7 +125,7 @@ def recommend_dpp(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Recommend a DPP method from the delta statistics and the data you have, and explain why."""
-    from weightops.dpp.prune import check_rate
+    from weightops.dpp.rules import check_rate
     from weightops.dpp.q_search import is_decoder
     from weightops.dpp.stats import delta_stats as stats, recommend_dpp as run
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from weightops.dpp import analytic_q
-from weightops.dpp.prune import METHODS, RULES, SCOPES, PruneParams, check_q, check_rate, della_epsilon
+from weightops.dpp.rules import METHODS, RULES, SCOPES, PruneParams, check_q, check_rate, della_epsilon
 from weightops.errors import WeightopsError
 
 Q_BY = ("proxy", "metric", "analytic")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from weightops.dpp.prune import RULES, PruneParams
+from weightops.dpp.rules import RULES, PruneParams
 from weightops.errors import AlignmentError
 from weightops.io.checkpoint import Checkpoint
 from weightops.methods.base import TensorJob
