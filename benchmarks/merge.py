@@ -139,22 +139,28 @@ def io_limit(root: Path, out_bytes: int) -> float:
     return t_read + t_write
 
 
-def run_one(root: Path, label: str, extra: list[str], kernels: str) -> dict:
-    method = label if "--method" not in extra else None
-    out = root / f"out-{label}-{kernels}"
-    shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "weightops", "merge", str(root / "ft1"), str(root / "ft2"), "--base", str(root / "base"),
-           "--out", str(out), "--kernels", kernels, "-q"] + (["--method", method] if method else []) + extra
+def run_measured(cmd: list[str], label: str) -> tuple[float, float]:
+    """Run cmd under /usr/bin/time -v; (wall seconds, peak RSS MiB), or exit with its stderr."""
     t = time.perf_counter()
     res = subprocess.run(["/usr/bin/time", "-v"] + cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t
     if res.returncode != 0:
         raise SystemExit(f"{label} failed:\n{res.stderr[-2000:]}")
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr).group(1))
+    return wall, rss_kb / 1024
+
+
+def run_one(root: Path, label: str, extra: list[str], kernels: str) -> dict:
+    method = label if "--method" not in extra else None
+    out = root / f"out-{label}-{kernels}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "weightops", "merge", str(root / "ft1"), str(root / "ft2"), "--base", str(root / "base"),
+           "--out", str(out), "--kernels", kernels, "-q"] + (["--method", method] if method else []) + extra
+    wall, rss_mib = run_measured(cmd, label)
     man = json.loads((out / "weightops.json").read_text())
     written = man["outputs"]["total_bytes"]
     row = {"method": label, "kernels": man["kernels"], "wall_s": round(wall, 2), "merge_s": man["seconds"],
-           "peak_rss_mib": round(rss_kb / 1024, 1), "bytes_read": man["bytes_read"], "bytes_written": written,
+           "peak_rss_mib": round(rss_mib, 1), "bytes_read": man["bytes_read"], "bytes_written": written,
            "gb_per_s": round((man["bytes_read"] + written) / man["seconds"] / 1e9, 3), "command": " ".join(cmd[1:])}
     shutil.rmtree(out, ignore_errors=True)
     return row

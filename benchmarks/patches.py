@@ -17,15 +17,12 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge import SIZES, dir_bytes, generate, llama_shapes  # noqa: E402
+from merge import SIZES, dir_bytes, generate, llama_shapes, run_measured  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -54,14 +51,8 @@ def make_adapter(root: Path, size: str, r: int = 16, alpha: int = 32) -> Path:
 def timed(label: str, args: list[str], out: Path | None) -> dict:
     if out is not None:
         shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "weightops", *args, "-q"]
-    t = time.perf_counter()
-    res = subprocess.run(["/usr/bin/time", "-v"] + cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if res.returncode != 0:
-        raise SystemExit(f"{label} failed:\n{res.stderr[-2000:]}")
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr).group(1))
-    row = {"step": label, "wall_s": round(wall, 2), "peak_rss_mib": round(rss_kb / 1024, 1),
+    wall, rss_mib = run_measured([sys.executable, "-m", "weightops", *args, "-q"], label)
+    row = {"step": label, "wall_s": round(wall, 2), "peak_rss_mib": round(rss_mib, 1),
            "command": "weightops " + " ".join(args)}
     manifest = out / "weightops.json" if out is not None else None
     if manifest is not None and manifest.exists():
