@@ -181,3 +181,26 @@ def test_not_enough_space_is_checked_first(pair, monkeypatch):
     with pytest.raises(OutputError, match="not enough disk space"):
         merge([ft, ft], out=root / "out", quiet=True)
     assert not (root / "out").exists()
+
+
+def test_input_modified_during_run_fails_only_that_file(tmp_path):
+    """A file truncated while its hash is pending fails its own sha256, not another file's."""
+    import threading
+
+    from weightops.errors import CheckpointError
+    from weightops.io.safetensors_file import SafetensorsFile, _background
+
+    save_file({"w": torch.arange(4096, dtype=torch.float32)}, str(tmp_path / "a.safetensors"))
+    save_file({"w": torch.ones(4096)}, str(tmp_path / "b.safetensors"))
+    a, b = SafetensorsFile(tmp_path / "a.safetensors"), SafetensorsFile(tmp_path / "b.safetensors")
+    gate = threading.Event()
+    _background().submit(gate.wait)  # hold the hash thread so a's hash is still pending
+    a.read(a.tensors["w"], 0, 4096)
+    (tmp_path / "a.safetensors").write_bytes(b"")  # truncated in place, as a tampering test does
+    gate.set()
+    want = __import__("hashlib").sha256((tmp_path / "b.safetensors").read_bytes()).hexdigest()
+    assert b.sha256() == want
+    with pytest.raises(CheckpointError, match="a.safetensors: cannot hash the input"):
+        a.sha256()
+    a.close()
+    b.close()

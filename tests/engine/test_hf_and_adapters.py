@@ -46,6 +46,7 @@ def test_manifest_records_inputs_and_outputs(tiny_models, tmp_path):
     for name, t in man["outputs"]["tensors"].items():
         x = ck.read(name, 0, ck.infos[name].numel)
         assert t["sha256"] == hashlib.sha256(x.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    ck.close()
     # tampering is caught
     raw = bytearray((res.out / "model.safetensors").read_bytes())
     raw[-3] ^= 0xFF

@@ -132,17 +132,27 @@ class _StreamHash:
         self.size = size
         self.pos = 0
         self.h = hashlib.sha256()
+        # A failure belongs to this file and is raised only when its digest is
+        # asked for, never by an unrelated flush (e.g. of another file's hash).
+        self.error: BaseException | None = None
 
     def feed(self, fd: int, stop: int) -> None:
-        while self.pos < stop:
-            chunk = os.pread(fd, min(stop - self.pos, _HASH_CHUNK), self.pos)
-            if not chunk:
-                raise CheckpointError("file shrank while being read")
-            self.h.update(chunk)
-            self.pos += len(chunk)
+        if self.error is not None:
+            return
+        try:
+            while self.pos < stop:
+                chunk = os.pread(fd, min(stop - self.pos, _HASH_CHUNK), self.pos)
+                if not chunk:
+                    raise CheckpointError("file shrank while being read")
+                self.h.update(chunk)
+                self.pos += len(chunk)
+        except (OSError, CheckpointError) as e:
+            self.error = e
 
-    def digest(self, fd: int) -> str:
+    def digest(self, fd: int, where: str) -> str:
         self.feed(fd, self.size)
+        if self.error is not None:
+            raise CheckpointError(f"{where}: cannot hash the input ({self.error}); was it modified during the run?")
         return self.h.hexdigest()
 
 
@@ -263,7 +273,7 @@ class SafetensorsFile:
         """sha256 of the whole file; costs only the bytes no read has hashed yet."""
         self._open()
         _background().flush()
-        return self._hash.digest(self._fd)
+        return self._hash.digest(self._fd, str(self.path))
 
     def close(self) -> None:
         _background().flush()
