@@ -1,8 +1,8 @@
 """DARE vs DAREx-q vs magnitude pruning of real fine-tunes, drop rate 0.5 - 0.99.
 
 The models: all-MiniLM-L6-v2 fine-tuned on the zoo's `sentiment` task: the
-zoo's own fine-tune (lr 1e-4, 60 steps) and, built here once with the same
-recipe, a fine-tune at a larger learning rate (larger deltas). For each drop
+zoo's own fine-tune (lr 1e-4, 80 steps) and, built here once with the same
+recipe, fine-tunes at a larger learning rate and/or more steps (larger deltas). For each drop
 rate p the delta is pruned with DARE (rescale 1/(1-p)), DAREx-q (q chosen per
 rate by the unlabelled last-hidden-state proxy on 64 training texts, labels
 unused) and magnitude (top-k |δ| per tensor); we report test accuracy and the
@@ -15,7 +15,7 @@ same code the streaming writer runs); the p = 0.99 DARE and DAREx-q models
 are then written with `weightops.dpp.prune()` (model and sparse delta) and
 re-scored from disk as a check.
 
-    python examples/dpp_sweep.py                       # both models, 7 rates, 3 seeds
+    python examples/dpp_sweep.py                       # both models (small and large deltas), 7 rates, 3 seeds
     python examples/dpp_sweep.py --models zoo:sentiment-ft-lr1e-4-s0 --rates 0.9,0.99 --seeds 1
 
 Writes benchmarks/results/dpp_sweep.json and examples/output/dpp_sweep.png.
@@ -36,9 +36,10 @@ KEEP = "classifier"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="zoo:sentiment-ft-lr1e-4-s0,build:3e-4",
-                    help="comma-separated: zoo:<name> (a zoo fine-tune) or build:<lr> (the zoo's sentiment recipe, "
-                         "60 steps, at learning rate lr; built once under ~/.cache/weightops/dpp-example)")
+    ap.add_argument("--models", default="zoo:sentiment-ft-lr1e-4-s0,build:3e-4x1000",
+                    help="comma-separated: zoo:<name> (a zoo fine-tune) or build:<lr>[x<steps>] (the zoo's sentiment "
+                         "recipe at learning rate lr, 80 steps unless given; built once under "
+                         "~/.cache/weightops/dpp-example)")
     ap.add_argument("--rates", default="0.5,0.7,0.8,0.9,0.95,0.98,0.99")
     ap.add_argument("--seeds", type=int, default=3, help="mask seeds per (method, rate); mean and min/max reported")
     ap.add_argument("--limit", type=int, default=None, help="score only the first N test examples")
@@ -165,12 +166,13 @@ def _model(spec: str):
     if kind == "zoo":
         return _zoo_path(arg), arg
     if kind == "build":
-        return build_finetune(float(arg)), f"sentiment-ft-lr{arg}"
-    raise SystemExit(f"--models: unknown entry {spec!r} (zoo:<name> or build:<lr>)")
+        lr, _, steps = arg.partition("x")
+        return build_finetune(float(lr), int(steps) if steps else None), f"sentiment-ft-lr{arg}"
+    raise SystemExit(f"--models: unknown entry {spec!r} (zoo:<name> or build:<lr>[x<steps>])")
 
 
-def build_finetune(lr: float) -> Path:
-    """The zoo's sentiment recipe (catalogue FT: 60 steps, batch 32, seed 0) at learning rate `lr`."""
+def build_finetune(lr: float, steps: int | None = None) -> Path:
+    """The zoo's sentiment recipe (catalogue FT: batch 16, seed 0) at learning rate `lr`, `steps` steps (default 80)."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -180,7 +182,8 @@ def build_finetune(lr: float) -> Path:
     from weightops.zoo.runtime import TOKENIZER_FILES, deterministic, zoo_dir
     from weightops.zoo.tasks import load_task
 
-    out = zoo_dir().parent / "dpp-example" / f"sentiment-ft-lr{lr:g}-steps{C.FT['steps']}"
+    steps = steps or C.FT["steps"]
+    out = zoo_dir().parent / "dpp-example" / f"sentiment-ft-lr{lr:g}-steps{steps}"
     if (out / "model.safetensors").is_file():
         return out
     base = _zoo_path("base")
@@ -190,7 +193,7 @@ def build_finetune(lr: float) -> Path:
     with deterministic():
         model = AutoModelForSequenceClassification.from_pretrained(base)
         hp = {k: v for k, v in C.FT.items()}
-        T.finetune(model, tokenizer_for(base), load_task(TASK)["train"], steps=hp["steps"], lr=lr,
+        T.finetune(model, tokenizer_for(base), load_task(TASK)["train"], steps=steps, lr=lr,
                    batch_size=hp["batch_size"], seed=0, weight_decay=hp["weight_decay"], warmup=hp["warmup"])
     with torch.no_grad():
         model.save_pretrained(tmp, safe_serialization=True)
