@@ -24,7 +24,7 @@ from weightops.zoo.runtime import THREADS, TOKENIZER_FILES, deterministic, pretr
 # its own (editing one recipe rebuilds only that model and its children), so
 # catalogue.py is not. Bump ZOO_FORMAT when steps.py, evaluate.py or this file
 # change what a build writes (files or card fields).
-ZOO_FORMAT = 1
+ZOO_FORMAT = 2  # 2: LoRA initialisation seeded from the recipe
 _HASHED_MODULES = ("words.py", "tasks.py", "train.py")
 
 

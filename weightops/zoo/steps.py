@@ -100,23 +100,36 @@ def build_ft(recipe: dict, out: Path, root: Path, progress: bool) -> dict:
 
     hp, task = recipe["hp"], recipe["task"]
     model = _load(root / recipe["parent"])
+    frozen = hp.get("freeze_embeddings", False)
+    if frozen:
+        for p in model.bert.embeddings.parameters():
+            p.requires_grad = False
     tok = _tokenizer()
+    optimizer = hp.get("optimizer", "adamw")
     with _bar(hp["steps"], recipe["name"], progress) as bar:
         log = T.finetune(model, tok, _data(recipe, task)["train"], steps=hp["steps"], lr=hp["lr"],
                          batch_size=hp["batch_size"], seed=recipe["seed"], weight_decay=hp["weight_decay"],
-                         warmup=hp["warmup"], tick=bar.update)
+                         warmup=hp["warmup"], tick=bar.update, optimizer=optimizer)
     _save(model, out)
+    which = "every parameter but the embeddings" if frozen else "every parameter"
     return {"training": log, "scores": _scores(model, tok, recipe, [task]),
-            "notes": "full fine-tune of every parameter from the parent, AdamW, linear warm-up/decay"}
+            "notes": f"full fine-tune of {which} from the parent, {'SGD' if optimizer == 'sgd' else 'AdamW'}, "
+                     "linear warm-up/decay"}
 
 
 def build_lora(recipe: dict, out: Path, root: Path, progress: bool) -> dict:
+    import torch
+
     from weightops.zoo import train as T
     from weightops.zoo.runtime import require_peft
 
     peft = require_peft()
     hp, task = recipe["hp"], recipe["task"]
-    model = peft.get_peft_model(_load(root / recipe["parent"]), T.lora_config(hp["r"], hp["alpha"], hp["rslora"]))
+    parent = _load(root / recipe["parent"])
+    # peft draws the A factors' initialisation from the global generator: seed it,
+    # or the adapter depends on whatever this process built before it.
+    torch.manual_seed(recipe["seed"])
+    model = peft.get_peft_model(parent, T.lora_config(hp["r"], hp["alpha"], hp["rslora"]))
     tok = _tokenizer()
     with _bar(hp["steps"], recipe["name"], progress) as bar:
         log = T.finetune(model, tok, _data(recipe, task)["train"], steps=hp["steps"], lr=hp["lr"],

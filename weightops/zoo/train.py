@@ -33,13 +33,20 @@ def _batches(n: int, batch_size: int, steps: int, seed: int):
         order = order[batch_size:]
 
 
-def _optimizer(model, lr: float, weight_decay: float, steps: int, warmup: float):
+def _optimizer(model, lr: float, weight_decay: float, steps: int, warmup: float, optimizer: str = "adamw"):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Plain SGD moves each weight in proportion to its gradient, so the change
+    # concentrates on few weights; AdamW's normalised steps spread it evenly.
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=lr)
+    elif optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=lr)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}")
     n_warm = max(1, int(warmup * steps))
 
     def schedule(step: int) -> float:  # linear warm-up, then linear decay to 0
@@ -51,9 +58,10 @@ def _optimizer(model, lr: float, weight_decay: float, steps: int, warmup: float)
 
 
 def _run(model, steps: int, lr: float, weight_decay: float, warmup: float, seed: int,
-         loss_fn: Callable[[list[int]], torch.Tensor], n: int, batch_size: int, tick=None) -> dict:
+         loss_fn: Callable[[list[int]], torch.Tensor], n: int, batch_size: int, tick=None,
+         optimizer: str = "adamw") -> dict:
     torch.manual_seed(seed)  # dropout masks
-    opt, sched = _optimizer(model, lr, weight_decay, steps, warmup)
+    opt, sched = _optimizer(model, lr, weight_decay, steps, warmup, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     losses = []
@@ -73,13 +81,13 @@ def _run(model, steps: int, lr: float, weight_decay: float, warmup: float, seed:
 
 
 def finetune(model, tokenizer, data: Sequence[tuple[str, int]], *, steps: int, lr: float, batch_size: int,
-             seed: int, weight_decay: float = 0.01, warmup: float = 0.1, tick=None) -> dict:
+             seed: int, weight_decay: float = 0.01, warmup: float = 0.1, tick=None, optimizer: str = "adamw") -> dict:
     """Cross-entropy training of whatever parameters of `model` require grad (all, or LoRA + head)."""
     def loss_fn(idx):
         enc = encode(tokenizer, [data[i][0] for i in idx])
         return model(**enc, labels=torch.tensor([data[i][1] for i in idx])).loss
 
-    return _run(model, steps, lr, weight_decay, warmup, seed, loss_fn, len(data), batch_size, tick)
+    return _run(model, steps, lr, weight_decay, warmup, seed, loss_fn, len(data), batch_size, tick, optimizer)
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
