@@ -1,5 +1,8 @@
 """Skill localization by grafting on a real model (all-MiniLM-L6-v2 fine-tuned on two zoo tasks).
 
+The fine-tunes are the zoo's plain-SGD ones (embeddings frozen, as the
+grafting paper's fine-tunes; `--optimizer adamw` takes the zoo's AdamW
+fine-tunes instead, whose changes are spread evenly over the weights).
 For each task (sentiment, topic): test accuracy of the fine-tuned model, of the
 base body with the fine-tuned head only ("head only"), and of grafts
 θ0 + γ⊙δ with the data-free top-|δ| mask over the transformer layers at
@@ -14,7 +17,8 @@ the overlap of the two tasks' layer masks.
     python examples/grafting.py --tasks topic --reuse      # ... and the rest, keeping the first
     python examples/grafting.py --quick                    # fewer points, for a smoke run
 
-Writes benchmarks/results/grafting.json, grafting_curve.png and grafting_overlap.png.
+Writes benchmarks/results/grafting.json, grafting_curve.png and grafting_overlap.png
+(grafting-adamw* with --optimizer adamw).
 Every number in docs/grafting.md comes from that JSON.
 """
 from __future__ import annotations
@@ -29,18 +33,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-MODELS = {"sentiment": "sentiment-ft-lr1e-4-s0", "topic": "topic-ft-lr1e-4-s0"}
+MODELS = {"sgd": {"sentiment": "sentiment-ft-sgd", "topic": "topic-ft-sgd"},
+          "adamw": {"sentiment": "sentiment-ft-lr1e-4-s0", "topic": "topic-ft-lr1e-4-s0"}}
 # the overlap also shows the same task fine-tuned from another seed, as a yardstick for "similar"
-OVERLAP = {"sentiment": "sentiment-ft-lr1e-4-s0", "sentiment-seed1": "sentiment-ft-lr1e-4-s1",
-           "topic": "topic-ft-lr1e-4-s0"}
+SEED1 = {"sgd": "sentiment-ft-sgd-s1", "adamw": "sentiment-ft-lr1e-4-s1"}
 HEAD = r"^(classifier|bert\.pooler)\."  # trained from a random init by the zoo fine-tunes: taken whole
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sparsities", default="1e-3,1e-2,3e-2,0.1,0.3")
+    ap.add_argument("--optimizer", choices=sorted(MODELS), default="sgd", help="which zoo fine-tunes")
+    ap.add_argument("--sparsities", default="1e-4,1e-3,1e-2,3e-2,0.1")
     ap.add_argument("--random-sparsities", default="0.03,0.1", help="control: random masks of the same size")
-    ap.add_argument("--learn-sparsities", default="1e-2")
+    ap.add_argument("--learn-sparsities", default="1e-3")
     ap.add_argument("--learn-train", type=int, default=32, help="training examples for the learned masks (few-shot)")
     ap.add_argument("--learn-steps", type=int, default=10)
     ap.add_argument("--learn-eval-every", type=int, default=2)
@@ -48,11 +53,16 @@ def main() -> None:
                     help="the paper's 1e7 moves no mask entry here (AdamW deltas are small and uniform)")
     ap.add_argument("--overlap-sparsity", type=float, default=1e-2)
     ap.add_argument("--limit", type=int, default=300, help="score only this many test examples")
-    ap.add_argument("--tasks", default=",".join(MODELS), help="which tasks (the overlap needs both)")
+    ap.add_argument("--tasks", default="sentiment,topic", help="which tasks (the overlap needs both)")
     ap.add_argument("--reuse", action="store_true", help="keep the tasks already in --out (run tasks one at a time)")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(RESULTS / "grafting.json"))
+    ap.add_argument("--out", default=None, help="default benchmarks/results/grafting[-adamw].json")
     args = ap.parse_args()
+    models = MODELS[args.optimizer]
+    overlap_models = {"sentiment": models["sentiment"], "sentiment-seed1": SEED1[args.optimizer],
+                      "topic": models["topic"]}
+    suffix = "" if args.optimizer == "sgd" else f"-{args.optimizer}"
+    args.out = args.out or str(RESULTS / f"grafting{suffix}.json")
     if args.quick:
         args.sparsities, args.learn_sparsities, args.learn_steps, args.limit = "1e-4,1e-2", "1e-3", 5, 200
 
@@ -69,7 +79,7 @@ def main() -> None:
     base = _model("base")
     tasks = [t for t in args.tasks.split(",") if t]
     work = Path(tempfile.mkdtemp(prefix="grafting-"))
-    results = {"command": " ".join(["python", "examples/grafting.py"] + sys.argv[1:]), "models": MODELS,
+    results = {"command": " ".join(["python", "examples/grafting.py"] + sys.argv[1:]), "models": models,
                "split": "test", "limit": args.limit, "tasks": {}, "torch_threads": torch.get_num_threads()}
     t_start = time.perf_counter()
     if args.reuse and Path(args.out).is_file():
@@ -80,7 +90,7 @@ def main() -> None:
 
     try:
         for task in tasks:
-            name = MODELS[task]
+            name = models[task]
             if task in results["tasks"]:
                 continue
             ft = _model(name)
@@ -130,27 +140,27 @@ def main() -> None:
         if len(set(tasks) | set(results["tasks"])) < 2:
             results["seconds_last_run"] = round(time.perf_counter() - t_start, 1)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            _plot(results, Path(args.out).parent / "grafting_curve.png")
+            _plot(results, Path(args.out).with_name(f"grafting{suffix}_curve.png"))
             Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
             print(f"wrote {args.out} (one task: no overlap)")
             return
         masks = []
-        for label, name in OVERLAP.items():
+        for label, name in overlap_models.items():
             p = work / f"{label}-{sp:g}-layers-mask"  # layers only: the dense head would inflate the overlap
             graft(base, _model(name), mask_out=p, sparsity=sp, whole=None)
             masks.append(p)
-        rep = overlap(masks, labels=list(OVERLAP))
+        rep = overlap(masks, labels=list(overlap_models))
         print(overlap_table(rep))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        overlap_heatmap(rep, Path(args.out).parent / "grafting_overlap.png")
-        results["overlap"] = {"sparsity": sp, "labels": rep["labels"], "models": OVERLAP,
+        overlap_heatmap(rep, Path(args.out).with_name(f"grafting{suffix}_overlap.png"))
+        results["overlap"] = {"sparsity": sp, "labels": rep["labels"], "models": overlap_models,
                               "chance_jaccard": sp / (2 - sp),  # two independent random masks of density sp
                               "overall": rep["overall"],
                               "per_layer_jaccard": {g: v["jaccard"] for g, v in rep["per_layer"].items()}}
         results["seconds_last_run"] = round(time.perf_counter() - t_start, 1)
-        _plot(results, Path(args.out).parent / "grafting_curve.png")
+        _plot(results, Path(args.out).with_name(f"grafting{suffix}_curve.png"))
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-        print(f"wrote {args.out}, {Path(args.out).parent / 'grafting_curve.png'}, {Path(args.out).parent / 'grafting_overlap.png'}")
+        print(f"wrote {args.out}, {Path(args.out).with_name(f'grafting{suffix}_curve.png')}, {Path(args.out).with_name(f'grafting{suffix}_overlap.png')}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
