@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,9 +186,12 @@ def _progress(total: int, quiet: bool, desc: str):
                 delay=1.0, dynamic_ncols=True, file=sys.stderr)
 
 
-def merge(models, *, out, base=None, method: str = "linear", weights=None, lam=None, density=None, gamma=None,
-          drop_rate=None, rescale=None, q=None, trim_scope=None, t=None, normalize=None, seed: int = 0,
-          dtype: str | None = None, shard_size="5GB", block_size: int | None = None, threads: int | None = None,
+def merge(models: Sequence[str | os.PathLike], *, out: str | os.PathLike, base: str | os.PathLike | None = None,
+          method: str = "linear", weights: Sequence[float] | None = None, lam: float | None = None,
+          density: float | None = None, gamma: float | None = None, drop_rate: float | None = None,
+          rescale: str | None = None, q: float | Sequence[float] | None = None, trim_scope: str | None = None,
+          t: float | None = None, normalize: bool | None = None, seed: int = 0,
+          dtype: str | None = None, shard_size: str | int = "5GB", block_size: int | None = None, threads: int | None = None,
           kernels: str = "auto", allow_missing: bool = False, allow_dtype_mix: bool = False,
           exclude: str | None = None, clamp: bool = False, strict: bool = False, force: bool = False,
           quiet: bool = False, command: list[str] | None = None) -> MergeResult:

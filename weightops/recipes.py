@@ -38,6 +38,7 @@ with the recipe's options as keyword arguments plus `quiet=True` and
 """
 from __future__ import annotations
 
+import collections.abc
 import importlib
 import inspect
 import json
@@ -45,6 +46,8 @@ import os
 import re
 import sys
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -284,6 +287,52 @@ def _check_options(step: StepDef, opts: dict, where: str) -> None:
     missing = [k for k, p in params.items() if p.default is p.empty and k not in opts]
     if missing:
         raise RecipeError(f"{where}: missing option '{missing[0]}'")
+    try:
+        hints = typing.get_type_hints(step.func)
+    except Exception:  # an annotation we cannot resolve: the step checks its own options
+        hints = {}
+    for k, v in opts.items():
+        if k in hints and not _type_ok(v, hints[k]):
+            raise RecipeError(f"{where}: option '{k}' should be {_type_name(hints[k])}, got {type(v).__name__} {v!r}")
+
+
+def _type_ok(value, hint) -> bool:
+    """Whether a YAML value fits a step's annotation. Only plain types are checked; anything else passes."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str or hint in (Path, os.PathLike):
+        return isinstance(value, (str, Path))
+    if origin in (list, tuple, collections.abc.Sequence) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        item = args[0] if args and args[-1] is not Ellipsis or len(args) == 2 else None
+        return item is None or all(_type_ok(v, item) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _type_name(hint) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if hint is type(None):
+        return "null"
+    if hint in (Path, os.PathLike):
+        return "a path"
+    if args:
+        return f"a list of ({_type_name(args[0])})"
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 # -- running ----------------------------------------------------------------------------

@@ -119,6 +119,7 @@ def test_everything_is_validated_before_anything_runs(world, tmp_path):
         "missing option 'patch'": base.replace("        patch: ${out}/patch\n", ""),
         "'quiet' is set by the runner": base.replace("scale: 0.5", "quiet: true"),
         "'targets' must be a non-empty list": base.replace("targets:", "targets: []\n        xtargets:"),
+        "option 'scale' should be a number, got str 'half'": base.replace("scale: 0.5", "scale: half"),
     }
     for msg, text in cases.items():
         with pytest.raises(RecipeError, match=msg.replace("$", r"\$").replace("{", r"\{").replace("}", r"\}")):
@@ -196,3 +197,19 @@ def test_example_recipes_are_valid(name):
     path = Path(__file__).resolve().parents[2] / "examples" / "recipes" / name
     res = run_recipe(path, dry_run=True)  # expands and checks every step; ${zoo:...} stays a placeholder
     assert res.runs and all(r.status == "planned" for r in res.runs)
+
+
+def test_option_types_are_checked_against_the_step_signature(tmp_path):
+    text = """steps:
+  - step: merge
+    models: [a, b]
+    method: linear
+    weights: zero
+    out: o
+"""
+    with pytest.raises(RecipeError, match=r"option 'weights' should be a list of \(a number\) or null, got str 'zero'"):
+        plan_recipe(recipe(tmp_path, text))
+    for ok in ("[1, 0.5]", "null"):
+        plan_recipe(recipe(tmp_path, text.replace("zero", ok)))
+    with pytest.raises(RecipeError, match="option 'force' should be true/false, got int 1"):
+        plan_recipe(recipe(tmp_path, text.replace("weights: zero", "force: 1")))
