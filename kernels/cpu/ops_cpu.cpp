@@ -22,6 +22,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <sstream>
 #include <string>
@@ -118,13 +119,29 @@ void* out_at(at::Tensor& out, int64_t start) {
   return static_cast<char*>(out.mutable_data_ptr()) + start * int64_t(out.element_size());
 }
 
-// Words for global elements g0 .. g0+len-1: p[i] is the word of element g0+i.
-// `buf` holds kTile + 8 words.
-const uint32_t* element_words(const TileKernels& T, uint64_t g0, int64_t len, uint32_t k0, uint32_t k1,
-                              uint32_t* buf) {
-  uint64_t first = g0 >> 2, last = (g0 + uint64_t(len) - 1) >> 2;
+// Random bytes of global elements g0 .. g0+len-1 (len <= kTile): p[i] is the byte of
+// element g0+i, i.e. byte (g & 15) of counter g >> 4 (x86 is little-endian, as the rule wants).
+constexpr int64_t kDrawWords = kTile / 4 + 8;
+const uint8_t* element_draws(const TileKernels& T, uint64_t g0, int64_t len, uint32_t k0, uint32_t k1,
+                             uint32_t* buf) {
+  uint64_t first = g0 >> 4, last = (g0 + uint64_t(len) - 1) >> 4;
   T.philox_words(first, int64_t(last - first + 1), k0, k1, buf);
-  return buf + (g0 & 3);
+  return reinterpret_cast<const uint8_t*>(buf) + (g0 & 15);
+}
+
+// The tile loops kept every tie (draw == thr's high byte); settle those with the
+// second draw, zeroing what it drops. About 1 element in 256: memchr finds them.
+template <typename T>
+void settle_ties(const uint8_t* draws, int64_t len, uint64_t g0, uint32_t k0, uint32_t k1, uint32_t thr, T* out) {
+  const uint32_t hi = thr >> 16;
+  if (hi > 0xFF) return;  // thr = 2^24: no byte ties, everything was dropped
+  const uint8_t* p = draws;
+  const uint8_t* end = draws + len;
+  while ((p = static_cast<const uint8_t*>(std::memchr(p, int(hi), size_t(end - p)))) != nullptr) {
+    const int64_t i = p - draws;
+    if (!philox_keep_byte(hi, g0 + uint64_t(i), k0, k1, thr)) out[i] = T(0);
+    ++p;
+  }
 }
 
 }  // namespace
@@ -168,7 +185,7 @@ at::Tensor delta_merge_cpu(const at::Tensor& base, at::TensorList models, c10::A
   at::parallel_for(0, ntiles, kGrainTiles, [&](int64_t t0, int64_t t1) {
     // bb: base; m: merged delta (TIES numerator); s: TIES signed sum; den: TIES weights; then one delta per model.
     std::vector<float> buf((4 + K) * kTile);
-    std::vector<uint32_t> words(kTile + 8);
+    std::vector<uint32_t> words(kDrawWords);
     float *bb = buf.data(), *m = bb + kTile, *s = m + kTile, *den = s + kTile, *d0 = den + kTile;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t start = t * kTile, len = std::min(kTile, n - start);
@@ -176,10 +193,11 @@ at::Tensor delta_merge_cpu(const at::Tensor& base, at::TensorList models, c10::A
       for (int64_t i = 0; i < K; ++i) {
         float* d = d0 + i * kTile;
         const float* xv = f32_tile(T, xs[i], start, len, d);
-        const uint32_t* wd = drop ? element_words(T, uint64_t(offset + start), len, uint32_t(keys[2 * i]),
-                                                  uint32_t(keys[2 * i + 1]), words.data())
-                                  : nullptr;
-        T.masked_delta(d, xv, bv, len, r[i], flags[i], vlo[i], vhi[i], wd, thr);
+        const uint64_t g0 = uint64_t(offset + start);
+        const uint32_t k0 = drop ? uint32_t(keys[2 * i]) : 0u, k1 = drop ? uint32_t(keys[2 * i + 1]) : 0u;
+        const uint8_t* wd = drop ? element_draws(T, g0, len, k0, k1, words.data()) : nullptr;
+        T.masked_delta(d, xv, bv, len, r[i], flags[i], vlo[i], vhi[i], wd, thr >> 16);
+        if (drop) settle_ties(wd, len, g0, k0, k1, thr, d);
       }
       T.fill_zero(m, len);
       if (!ties) {
@@ -267,11 +285,18 @@ void philox_keep_mask_out_cpu(const at::Tensor& out, int64_t k0, int64_t k1, int
   bool* o = out.mutable_data_ptr<bool>();
   const TileKernels& T = tiles();
   at::parallel_for(0, ntiles, kGrainTiles, [&](int64_t t0, int64_t t1) {
-    std::vector<uint32_t> words(kTile + 8);
+    std::vector<uint32_t> words(kDrawWords);
+    const uint32_t thr = uint32_t(drop_threshold);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t start = t * kTile, len = std::min(kTile, n - start);
-      const uint32_t* w = element_words(T, uint64_t(offset + start), len, uint32_t(k0), uint32_t(k1), words.data());
-      T.philox_keep(w, uint32_t(drop_threshold), len, o + start);
+      const uint64_t g0 = uint64_t(offset + start);
+      if (len < 64) {  // short blocks: the shared scalar rule, the one the CUDA kernels run
+        for (int64_t i = 0; i < len; ++i) o[start + i] = philox_keep_at(uint32_t(k0), uint32_t(k1), g0 + uint64_t(i), thr);
+        continue;
+      }
+      const uint8_t* w = element_draws(T, g0, len, uint32_t(k0), uint32_t(k1), words.data());
+      T.philox_keep(w, thr >> 16, len, o + start);
+      settle_ties(w, len, g0, uint32_t(k0), uint32_t(k1), thr, o + start);
     }
   });
 }

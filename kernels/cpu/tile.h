@@ -14,13 +14,13 @@ struct TileKernels {
   void (*load)(int dtype, const void* src, int64_t len, float* dst);
   void (*store)(int dtype, const float* src, int64_t len, void* dst);
   void (*masked_delta)(float* out, const float* x, const float* b, int64_t len, float r, int flags, float lo,
-                       float hi, const uint32_t* words, uint32_t thr);  // flags: 4 lo, 2 hi, 1 drop
+                       float hi, const uint8_t* draws, uint32_t thr_hi);  // flags: 4 lo, 2 hi, 1 drop
   void (*fill_zero)(float* m, int64_t len);
   void (*axpy)(float* m, float w, const float* d, int64_t len);
   void (*ties_vote)(float* num, float* den, const float* s, float w, const float* d, int64_t len);
   void (*ties_mean)(float* num, const float* den, int64_t len);
   void (*finish)(float* m, const float* b, float lam, int64_t len);
-  void (*philox_keep)(const uint32_t* words, uint32_t thr, int64_t len, bool* out);
+  void (*philox_keep)(const uint8_t* draws, uint32_t thr_hi, int64_t len, bool* out);
   void (*abs_bits)(const float* x, const float* b, int64_t len, uint32_t* u);
 };
 

@@ -148,23 +148,25 @@ static void store(int dtype, const float* src, int64_t len, void* dst) {
   }
 }
 
-// ---- delta_merge pieces. out <- keep ? (x - b) * r : +0, keep = [lo <= |d|] [|d| < hi] [philox]; out may be x.
+// ---- delta_merge pieces. out <- keep ? (x - b) * r : +0, keep = [lo <= |d|] [|d| < hi] [draw]; out may be x.
+// The drop test here is on the element's random byte alone, ties (byte == thr_hi) kept:
+// the caller resolves those 1-in-256 elements with philox_keep_byte (weightops/philox.h).
 template <bool LO, bool HI, bool DROP>
 static void masked_delta_t(float* out, const float* x, const float* b, int64_t len, float r, float lo, float hi,
-                           const uint32_t* w, uint32_t thr) {
+                           const uint8_t* w, uint32_t thr) {
   for (int64_t i = 0; i < len; ++i) {
     float d = x[i] - b[i];
     float a = __builtin_fabsf(d);
     bool keep = true;  // bitwise &, not &&: no branches, so the loop vectorises
     if (LO) keep &= !(a < lo);
     if (HI) keep &= a < hi;
-    if (DROP) keep &= (w[i] >> 8) >= thr;
+    if (DROP) keep &= uint32_t(w[i]) >= thr;
     out[i] = keep ? d * r : 0.0f;
   }
 }
 
 static void masked_delta(float* out, const float* x, const float* b, int64_t len, float r, int flags, float lo,
-                         float hi, const uint32_t* w, uint32_t thr) {
+                         float hi, const uint8_t* w, uint32_t thr) {
   switch (flags) {
     case 0: masked_delta_t<false, false, false>(out, x, b, len, r, lo, hi, w, thr); break;
     case 1: masked_delta_t<false, false, true>(out, x, b, len, r, lo, hi, w, thr); break;
@@ -207,8 +209,8 @@ static void finish(float* m, const float* b, float lam, int64_t len) {  // b + l
   for (int64_t i = 0; i < len; ++i) m[i] = b[i] + lam * m[i];
 }
 
-static void philox_keep(const uint32_t* w, uint32_t thr, int64_t len, bool* out) {
-  for (int64_t i = 0; i < len; ++i) out[i] = (w[i] >> 8) >= thr;
+static void philox_keep(const uint8_t* w, uint32_t thr_hi, int64_t len, bool* out) {  // ties kept, as above
+  for (int64_t i = 0; i < len; ++i) out[i] = uint32_t(w[i]) >= thr_hi;
 }
 
 // |x - b| as fp32 bits (sign cleared); b may be null.

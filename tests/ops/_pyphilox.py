@@ -12,5 +12,14 @@ def philox(ctr, key):
     return c0, c1, c2, c3
 
 
+def draw_byte(key, e):
+    """Byte e & 15 of counter e >> 4's four little-endian words."""
+    return (philox(((e >> 4) & U, (e >> 36) & U, 0, 0), key)[(e >> 2) & 3] >> (8 * (e & 3))) & 0xFF
+
+
 def keep(key, e, thr):
-    return (philox(((e >> 2) & U, e >> 34, 0, 0), key)[e & 3] >> 8) >= thr
+    """The 24-bit draw B*2^16 + L >= thr, with L (counter (e, 1, 0)) drawn only on a byte tie."""
+    b, hi = draw_byte(key, e), thr >> 16
+    if b != hi:
+        return b > hi
+    return (philox((e & U, (e >> 32) & U, 1, 0), key)[0] & 0xFFFF) >= (thr & 0xFFFF)

@@ -160,8 +160,10 @@ def test_kth_largest_abs_native_matches_kthvalue():
 
 @pytest.mark.parametrize("offset", [0, 3, 2**34 - 2])
 def test_philox_keep_mask(offset):
-    for thr in (0, 1, ops.drop_threshold(0.37), 1 << 24):
-        assert torch.equal(*both(ops.philox_keep_mask, (0xDEADBEEF, 7), offset, 4099, thr))
+    # 1, 5, 63: the scalar rule of weightops/philox.h (the one the CUDA kernels run); 4099: tiles + a 3-element tail
+    for n in (1, 5, 63, 64, 4099):
+        for thr in (0, 1, ops.drop_threshold(0.37), 1 << 24):
+            assert torch.equal(*both(ops.philox_keep_mask, (0xDEADBEEF, 7), offset, n, thr))
 
 
 def test_opcheck():

@@ -9,6 +9,7 @@ import torch
 import weightops.ops as ops
 from weightops.ops import reference as ref
 
+from _pyphilox import draw_byte
 from _pyphilox import keep as py_keep
 from _pyphilox import philox as py_philox
 
@@ -40,6 +41,17 @@ def test_keep_mask_matches_python_philox(offset):
     key, thr, n = (0x12345678, 0x9ABCDEF0), ops.drop_threshold(0.5), 37
     mask = ops.philox_keep_mask(key, offset, n, thr)
     assert mask.tolist() == [py_keep(key, offset + i, thr) for i in range(n)]
+
+
+@pytest.mark.parametrize("p", [0.5, 0.9, 0.99])
+def test_keep_mask_settles_byte_ties_with_the_second_draw(p):
+    """About 1 element in 256 has its byte equal to the threshold's high byte: those take the second draw."""
+    key, thr, offset, n = (0x0BADF00D, 0x12345), ops.drop_threshold(p), 2**33 + 7, 3000
+    ties = [i for i in range(n) if draw_byte(key, offset + i) == thr >> 16]
+    assert len(ties) >= 3  # the case is exercised
+    mask = ops.philox_keep_mask(key, offset, n, thr)
+    assert mask.tolist() == [py_keep(key, offset + i, thr) for i in range(n)]
+    assert len({bool(mask[i]) for i in ties}) == 2 or p == 0.5  # ties go both ways (0.5: thr's low bits are 0)
 
 
 def test_keep_mask_is_independent_of_blocking():

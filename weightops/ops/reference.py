@@ -40,17 +40,34 @@ def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
 
 
 def philox_keep_mask(key, offset: int, numel: int, drop_threshold: int, device="cpu") -> torch.Tensor:
-    """bool[numel]: element offset+i is kept iff (philox word >> 8) >= drop_threshold."""
+    """bool[numel]: whether elements offset .. offset+numel-1 survive a drop with this threshold.
+
+    Element e draws a 24-bit uniform v = B·2^16 + L and is kept iff v >= drop_threshold
+    (keep probability exactly 1 - thr / 2^24). B is byte e & 15 of the 16 bytes (four
+    little-endian words) of Philox counter (e >> 4, 0, 0); L, the low 16 bits of word 0 of
+    counter (e, 1, 0), is drawn only when B equals the threshold's high byte (1 in 256
+    elements): every other element is decided by B alone, so one Philox call serves 16
+    elements instead of 4. A block's result does not depend on where the block starts.
+    """
     if numel == 0:
         return torch.zeros(0, dtype=torch.bool, device=device)
-    first, last = offset >> 2, (offset + numel - 1) >> 2
+    thr_hi, thr_lo = drop_threshold >> 16, drop_threshold & 0xFFFF
+    first, last = offset >> 4, (offset + numel - 1) >> 4
     ctr = torch.arange(first, last + 1, dtype=torch.int64, device=device)
     zero = torch.zeros_like(ctr)
-    words = philox4x32_10(ctr & _U32, ctr >> 32, zero, zero, key[0], key[1])
-    # Element e uses word e & 3 of counter e >> 2.
-    flat = torch.stack(words, dim=1).reshape(-1)
-    start = offset & 3
-    return (flat[start:start + numel] >> 8) >= drop_threshold
+    words = torch.stack(philox4x32_10(ctr & _U32, ctr >> 32, zero, zero, key[0], key[1]), dim=1).reshape(-1, 1)
+    shifts = torch.arange(0, 32, 8, dtype=torch.int64, device=device)
+    flat = ((words >> shifts) & 0xFF).reshape(-1)  # byte j of word i at 4i + j: little-endian order
+    start = offset & 15
+    byte = flat[start:start + numel]
+    keep = byte > thr_hi
+    tie = (byte == thr_hi).nonzero().reshape(-1)
+    if tie.numel():
+        e = tie + offset
+        one = torch.ones_like(e)
+        low = philox4x32_10(e & _U32, e >> 32, one, torch.zeros_like(e), key[0], key[1])[0] & 0xFFFF
+        keep[tie] = low >= thr_lo
+    return keep
 
 
 def delta_merge(base, models, weights, *, offset=0, keys=None, drop_threshold=0, rescales=None,
