@@ -119,29 +119,25 @@ void* out_at(at::Tensor& out, int64_t start) {
   return static_cast<char*>(out.mutable_data_ptr()) + start * int64_t(out.element_size());
 }
 
-// Random bytes of global elements g0 .. g0+len-1 (len <= kTile): p[i] is the byte of
-// element g0+i, i.e. byte (g & 15) of counter g >> 4 (x86 is little-endian, as the rule wants).
+// Keep bytes of global elements g0 .. g0+len-1 (len <= kTile): p[i] != 0 iff element
+// g0+i survives (weightops/philox.h). The random byte of element g is byte (g & 15)
+// of counter g >> 4 (x86 is little-endian, as the rule wants); the 1-in-256 ties with
+// the threshold's high byte take the second draw (memchr finds them).
 constexpr int64_t kDrawWords = kTile / 4 + 8;
-const uint8_t* element_draws(const TileKernels& T, uint64_t g0, int64_t len, uint32_t k0, uint32_t k1,
-                             uint32_t* buf) {
+const uint8_t* element_keep(const TileKernels& T, uint64_t g0, int64_t len, uint32_t k0, uint32_t k1, uint32_t thr,
+                            uint32_t* buf) {
   uint64_t first = g0 >> 4, last = (g0 + uint64_t(len) - 1) >> 4;
   T.philox_words(first, int64_t(last - first + 1), k0, k1, buf);
-  return reinterpret_cast<const uint8_t*>(buf) + (g0 & 15);
-}
-
-// The tile loops kept every tie (draw == thr's high byte); settle those with the
-// second draw, zeroing what it drops. About 1 element in 256: memchr finds them.
-template <typename T>
-void settle_ties(const uint8_t* draws, int64_t len, uint64_t g0, uint32_t k0, uint32_t k1, uint32_t thr, T* out) {
+  uint8_t* kb = reinterpret_cast<uint8_t*>(buf) + (g0 & 15);
   const uint32_t hi = thr >> 16;
-  if (hi > 0xFF) return;  // thr = 2^24: no byte ties, everything was dropped
-  const uint8_t* p = draws;
-  const uint8_t* end = draws + len;
-  while ((p = static_cast<const uint8_t*>(std::memchr(p, int(hi), size_t(end - p)))) != nullptr) {
-    const int64_t i = p - draws;
-    if (!philox_keep_byte(hi, g0 + uint64_t(i), k0, k1, thr)) out[i] = T(0);
+  T.classify_draws(kb, len, hi);
+  uint8_t* p = kb;
+  uint8_t* end = kb + len;
+  while ((p = static_cast<uint8_t*>(std::memchr(p, 2, size_t(end - p)))) != nullptr) {
+    *p = philox_keep_byte(hi, g0 + uint64_t(p - kb), k0, k1, thr) ? 1 : 0;
     ++p;
   }
+  return kb;
 }
 
 }  // namespace
@@ -190,19 +186,20 @@ at::Tensor delta_merge_cpu(const at::Tensor& base, at::TensorList models, c10::A
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t start = t * kTile, len = std::min(kTile, n - start);
       const float* bv = f32_tile(T, b, start, len, bb);
-      for (int64_t i = 0; i < K; ++i) {
-        float* d = d0 + i * kTile;
-        const float* xv = f32_tile(T, xs[i], start, len, d);
-        const uint64_t g0 = uint64_t(offset + start);
-        const uint32_t k0 = drop ? uint32_t(keys[2 * i]) : 0u, k1 = drop ? uint32_t(keys[2 * i + 1]) : 0u;
-        const uint8_t* wd = drop ? element_draws(T, g0, len, k0, k1, words.data()) : nullptr;
-        T.masked_delta(d, xv, bv, len, r[i], flags[i], vlo[i], vhi[i], wd, thr >> 16);
-        if (drop) settle_ties(wd, len, g0, k0, k1, thr, d);
-      }
+      const uint64_t g0 = uint64_t(offset + start);
+      auto keep = [&](int64_t i) {
+        return drop ? element_keep(T, g0, len, uint32_t(keys[2 * i]), uint32_t(keys[2 * i + 1]), thr, words.data())
+                    : nullptr;
+      };
       T.fill_zero(m, len);
-      if (!ties) {
-        for (int64_t i = 0; i < K; ++i) T.axpy(m, w[i], d0 + i * kTile, len);
+      if (!ties) {  // one fused pass per model: m += w * masked delta
+        for (int64_t i = 0; i < K; ++i)
+          T.accum_delta(xs[i].code, m, xs[i].at(start), bv, len, w[i], r[i], flags[i], vlo[i], vhi[i], keep(i));
       } else {
+        for (int64_t i = 0; i < K; ++i) {
+          float* d = d0 + i * kTile;
+          T.masked_delta(d, f32_tile(T, xs[i], start, len, d), bv, len, r[i], flags[i], vlo[i], vhi[i], keep(i));
+        }
         T.fill_zero(s, len);
         T.fill_zero(den, len);
         for (int64_t i = 0; i < K; ++i) T.axpy(s, w[i], d0 + i * kTile, len);
@@ -294,9 +291,7 @@ void philox_keep_mask_out_cpu(const at::Tensor& out, int64_t k0, int64_t k1, int
         for (int64_t i = 0; i < len; ++i) o[start + i] = philox_keep_at(uint32_t(k0), uint32_t(k1), g0 + uint64_t(i), thr);
         continue;
       }
-      const uint8_t* w = element_draws(T, g0, len, uint32_t(k0), uint32_t(k1), words.data());
-      T.philox_keep(w, thr >> 16, len, o + start);
-      settle_ties(w, len, g0, uint32_t(k0), uint32_t(k1), thr, o + start);
+      T.philox_keep(element_keep(T, g0, len, uint32_t(k0), uint32_t(k1), thr, words.data()), len, o + start);
     }
   });
 }

@@ -14,13 +14,16 @@ struct TileKernels {
   void (*load)(int dtype, const void* src, int64_t len, float* dst);
   void (*store)(int dtype, const float* src, int64_t len, void* dst);
   void (*masked_delta)(float* out, const float* x, const float* b, int64_t len, float r, int flags, float lo,
-                       float hi, const uint8_t* draws, uint32_t thr_hi);  // flags: 4 lo, 2 hi, 1 drop
+                       float hi, const uint8_t* keep);  // flags: 4 lo, 2 hi, 1 drop (keep: 0 = dropped)
+  void (*accum_delta)(int dtype, float* m, const void* x, const float* b, int64_t len, float w, float r, int flags,
+                      float lo, float hi, const uint8_t* keep);  // m += w * masked delta, x in its dtype
+  void (*classify_draws)(uint8_t* draws, int64_t len, uint32_t thr_hi);  // -> 0 drop, 1 keep, 2 tie
   void (*fill_zero)(float* m, int64_t len);
   void (*axpy)(float* m, float w, const float* d, int64_t len);
   void (*ties_vote)(float* num, float* den, const float* s, float w, const float* d, int64_t len);
   void (*ties_mean)(float* num, const float* den, int64_t len);
   void (*finish)(float* m, const float* b, float lam, int64_t len);
-  void (*philox_keep)(const uint8_t* draws, uint32_t thr_hi, int64_t len, bool* out);
+  void (*philox_keep)(const uint8_t* keep, int64_t len, bool* out);
   void (*abs_bits)(const float* x, const float* b, int64_t len, uint32_t* u);
 };
 

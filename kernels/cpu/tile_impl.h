@@ -149,33 +149,91 @@ static void store(int dtype, const float* src, int64_t len, void* dst) {
 }
 
 // ---- delta_merge pieces. out <- keep ? (x - b) * r : +0, keep = [lo <= |d|] [|d| < hi] [draw]; out may be x.
-// The drop test here is on the element's random byte alone, ties (byte == thr_hi) kept:
-// the caller resolves those 1-in-256 elements with philox_keep_byte (weightops/philox.h).
+// kb: one keep byte per element (0: dropped), see classify_draws.
 template <bool LO, bool HI, bool DROP>
 static void masked_delta_t(float* out, const float* x, const float* b, int64_t len, float r, float lo, float hi,
-                           const uint8_t* w, uint32_t thr) {
+                           const uint8_t* w) {
   for (int64_t i = 0; i < len; ++i) {
     float d = x[i] - b[i];
     float a = __builtin_fabsf(d);
     bool keep = true;  // bitwise &, not &&: no branches, so the loop vectorises
     if (LO) keep &= !(a < lo);
     if (HI) keep &= a < hi;
-    if (DROP) keep &= uint32_t(w[i]) >= thr;
+    if (DROP) keep &= w[i] != 0;
     out[i] = keep ? d * r : 0.0f;
   }
 }
 
 static void masked_delta(float* out, const float* x, const float* b, int64_t len, float r, int flags, float lo,
-                         float hi, const uint8_t* w, uint32_t thr) {
+                         float hi, const uint8_t* w) {
   switch (flags) {
-    case 0: masked_delta_t<false, false, false>(out, x, b, len, r, lo, hi, w, thr); break;
-    case 1: masked_delta_t<false, false, true>(out, x, b, len, r, lo, hi, w, thr); break;
-    case 2: masked_delta_t<false, true, false>(out, x, b, len, r, lo, hi, w, thr); break;
-    case 3: masked_delta_t<false, true, true>(out, x, b, len, r, lo, hi, w, thr); break;
-    case 4: masked_delta_t<true, false, false>(out, x, b, len, r, lo, hi, w, thr); break;
-    case 5: masked_delta_t<true, false, true>(out, x, b, len, r, lo, hi, w, thr); break;
-    case 6: masked_delta_t<true, true, false>(out, x, b, len, r, lo, hi, w, thr); break;
-    default: masked_delta_t<true, true, true>(out, x, b, len, r, lo, hi, w, thr); break;
+    case 0: masked_delta_t<false, false, false>(out, x, b, len, r, lo, hi, w); break;
+    case 1: masked_delta_t<false, false, true>(out, x, b, len, r, lo, hi, w); break;
+    case 2: masked_delta_t<false, true, false>(out, x, b, len, r, lo, hi, w); break;
+    case 3: masked_delta_t<false, true, true>(out, x, b, len, r, lo, hi, w); break;
+    case 4: masked_delta_t<true, false, false>(out, x, b, len, r, lo, hi, w); break;
+    case 5: masked_delta_t<true, false, true>(out, x, b, len, r, lo, hi, w); break;
+    case 6: masked_delta_t<true, true, false>(out, x, b, len, r, lo, hi, w); break;
+    default: masked_delta_t<true, true, true>(out, x, b, len, r, lo, hi, w); break;
+  }
+}
+
+// The "sum" consensus fused for one model, straight from its storage dtype:
+// m <- m + w * (keep ? (x - b) * r : +0), the same roundings in the same order
+// as load + masked_delta + axpy, without the three passes over the tile.
+template <int DT>
+static inline float widen(const void* src, int64_t i) {
+  if (DT == kF32) return static_cast<const float*>(src)[i];
+  const uint16_t h = static_cast<const uint16_t*>(src)[i];
+  if (DT == kBF16) return u2f(uint32_t(h) << 16);
+  uint32_t em = h & 0x7FFFu, sign = uint32_t(h & 0x8000u) << 16;  // fp16, as load()
+  uint32_t normal = (em << 13) + 0x38000000u + (em >= 0x7C00u ? 0x38000000u : 0u);
+  float sub = float(int32_t(em)) * 5.9604644775390625e-8f;
+  return u2f((em < 0x400u ? f2u(sub) : normal) | sign);
+}
+
+template <int DT, bool LO, bool HI, bool DROP>
+static void accum_delta_t(float* m, const void* x, const float* b, int64_t len, float w, float r, float lo,
+                          float hi, const uint8_t* kb) {
+  for (int64_t i = 0; i < len; ++i) {
+    float d = widen<DT>(x, i) - b[i];
+    float a = __builtin_fabsf(d);
+    bool keep = true;
+    if (LO) keep &= !(a < lo);
+    if (HI) keep &= a < hi;
+    if (DROP) keep &= kb[i] != 0;
+    float dd = keep ? d * r : 0.0f;
+    m[i] = m[i] + w * dd;
+  }
+}
+
+template <int DT>
+static void accum_delta_dt(float* m, const void* x, const float* b, int64_t len, float w, float r, int flags,
+                           float lo, float hi, const uint8_t* kb) {
+  switch (flags) {
+    case 0: accum_delta_t<DT, false, false, false>(m, x, b, len, w, r, lo, hi, kb); break;
+    case 1: accum_delta_t<DT, false, false, true>(m, x, b, len, w, r, lo, hi, kb); break;
+    case 2: accum_delta_t<DT, false, true, false>(m, x, b, len, w, r, lo, hi, kb); break;
+    case 3: accum_delta_t<DT, false, true, true>(m, x, b, len, w, r, lo, hi, kb); break;
+    case 4: accum_delta_t<DT, true, false, false>(m, x, b, len, w, r, lo, hi, kb); break;
+    case 5: accum_delta_t<DT, true, false, true>(m, x, b, len, w, r, lo, hi, kb); break;
+    case 6: accum_delta_t<DT, true, true, false>(m, x, b, len, w, r, lo, hi, kb); break;
+    default: accum_delta_t<DT, true, true, true>(m, x, b, len, w, r, lo, hi, kb); break;
+  }
+}
+
+static void accum_delta(int dtype, float* m, const void* x, const float* b, int64_t len, float w, float r, int flags,
+                        float lo, float hi, const uint8_t* kb) {
+  if (dtype == kF32) accum_delta_dt<kF32>(m, x, b, len, w, r, flags, lo, hi, kb);
+  else if (dtype == kBF16) accum_delta_dt<kBF16>(m, x, b, len, w, r, flags, lo, hi, kb);
+  else accum_delta_dt<kF16>(m, x, b, len, w, r, flags, lo, hi, kb);
+}
+
+// Random bytes -> 0 (drop), 1 (keep) or 2 (tie with the threshold's high byte: the caller settles it).
+static void classify_draws(uint8_t* kb, int64_t len, uint32_t thr_hi) {
+  for (int64_t i = 0; i < len; ++i) {
+    const uint32_t v = kb[i];
+    kb[i] = uint8_t((v > thr_hi ? 1 : 0) | (v == thr_hi ? 2 : 0));
   }
 }
 
@@ -209,8 +267,8 @@ static void finish(float* m, const float* b, float lam, int64_t len) {  // b + l
   for (int64_t i = 0; i < len; ++i) m[i] = b[i] + lam * m[i];
 }
 
-static void philox_keep(const uint8_t* w, uint32_t thr_hi, int64_t len, bool* out) {  // ties kept, as above
-  for (int64_t i = 0; i < len; ++i) out[i] = uint32_t(w[i]) >= thr_hi;
+static void philox_keep(const uint8_t* kb, int64_t len, bool* out) {
+  for (int64_t i = 0; i < len; ++i) out[i] = kb[i] != 0;
 }
 
 // |x - b| as fp32 bits (sign cleared); b may be null.
@@ -223,8 +281,8 @@ static void abs_bits(const float* x, const float* b, int64_t len, uint32_t* u) {
 }
 
 static const TileKernels table = {
-    WO_ISA_NAME, philox_words, load, store, masked_delta, fill_zero, axpy, ties_vote, ties_mean, finish,
-    philox_keep, abs_bits,
+    WO_ISA_NAME, philox_words, load, store, masked_delta, accum_delta, classify_draws, fill_zero, axpy, ties_vote,
+    ties_mean, finish, philox_keep, abs_bits,
 };
 
 }  // namespace WO_ISA

@@ -31,6 +31,7 @@ from weightops import ops
 from weightops.errors import WeightopsError
 from weightops.methods.base import Method, TensorJob
 from weightops.methods.task_arithmetic import keep_count
+from weightops.ops.reference import philox_keep_mask
 
 METHODS = ("dare", "darex-q", "magnitude", "wanda", "della")
 SCOPES = {"magnitude": ("tensor", "global", "row"), "wanda": ("row", "tensor")}
@@ -100,21 +101,6 @@ def wanda_row_keep(score: torch.Tensor, rate: float) -> torch.Tensor:
         idx = torch.sort(score, dim=1, stable=True).indices[:, :n_drop]
         keep.scatter_(1, idx, False)
     return keep
-
-
-def philox_u24(key, offset: int, numel: int) -> torch.Tensor:
-    """The 24-bit Philox draws behind `ops.philox_keep_mask` (kept iff u24 >= threshold), as int64."""
-    from weightops.ops.reference import philox4x32_10
-
-    if numel == 0:
-        return torch.zeros(0, dtype=torch.int64)
-    first, last = offset >> 2, (offset + numel - 1) >> 2
-    ctr = torch.arange(first, last + 1, dtype=torch.int64)
-    zero = torch.zeros_like(ctr)
-    words = philox4x32_10(ctr & 0xFFFFFFFF, ctr >> 32, zero, zero, int(key[0]), int(key[1]))
-    flat = torch.stack(words, dim=1).reshape(-1)
-    s = offset & 3
-    return flat[s:s + numel] >> 8
 
 
 def della_keep_prob(absd: torch.Tensor, rate: float, eps: float) -> torch.Tensor:
@@ -223,8 +209,8 @@ class Prune(Method):
         dr = x2 - b2
         if self.rule == "della":
             prob = della_keep_prob(dr.abs(), p.rate, della_epsilon(p.rate, p.epsilon))
-            u = philox_u24(st["key"], r0, dr.numel()).reshape(dr.shape)
-            keep = u >= torch.round((1.0 - prob.double()) * (1 << 24)).long()
+            thr = torch.round((1.0 - prob.double()) * (1 << 24)).long().reshape(-1)
+            keep = philox_keep_mask(st["key"], r0, dr.numel(), thr).reshape(dr.shape)
             v = torch.where(keep, dr / prob, zero)
         else:
             score = dr.abs()

@@ -48,6 +48,7 @@ def philox_keep_mask(key, offset: int, numel: int, drop_threshold: int, device="
     counter (e, 1, 0), is drawn only when B equals the threshold's high byte (1 in 256
     elements): every other element is decided by B alone, so one Philox call serves 16
     elements instead of 4. A block's result does not depend on where the block starts.
+    `drop_threshold` may also be an int64 tensor of per-element thresholds (DELLA).
     """
     if numel == 0:
         return torch.zeros(0, dtype=torch.bool, device=device)
@@ -66,7 +67,7 @@ def philox_keep_mask(key, offset: int, numel: int, drop_threshold: int, device="
         e = tie + offset
         one = torch.ones_like(e)
         low = philox4x32_10(e & _U32, e >> 32, one, torch.zeros_like(e), key[0], key[1])[0] & 0xFFFF
-        keep[tie] = low >= thr_lo
+        keep[tie] = low >= (thr_lo[tie] if isinstance(thr_lo, torch.Tensor) else thr_lo)
     return keep
 
 
