@@ -149,6 +149,11 @@ def main() -> None:
                     ops.delta_merge(base[s:s + BLOCK], [m[s:s + BLOCK] for m in models], weights, offset=s,
                                     keys=keys, drop_threshold=thr, rescales=[1 / (1 - P_DROP)] * K_MODELS)
             record("dare", "native-4M-blocks", n, merge_bytes, timeit(with_kernels("native", dare_blocked)))
+
+            def ta_blocked():  # the same loop without drops: what the tile loops cost without the generator
+                for s in range(0, n, BLOCK):
+                    ops.delta_merge(base[s:s + BLOCK], [m[s:s + BLOCK] for m in models], weights, offset=s)
+            record("task_arith", "native-4M-blocks", n, merge_bytes, timeit(with_kernels("native", ta_blocked)))
         naive = record("dare", "bernoulli", n, merge_bytes, timeit(lambda: naive_dare(base, models, weights, P_DROP)))
         dare_native.update(speedup_vs_bernoulli=naive["seconds"] / dare_native["seconds"],
                            fraction_of_bandwidth=dare_native["gb_per_s"] / bandwidth)
