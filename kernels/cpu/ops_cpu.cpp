@@ -179,8 +179,9 @@ at::Tensor delta_merge_cpu(const at::Tensor& base, at::TensorList models, c10::A
   const TileKernels& T = tiles();
 
   at::parallel_for(0, ntiles, kGrainTiles, [&](int64_t t0, int64_t t1) {
-    // bb: base; m: merged delta (TIES numerator); s: TIES signed sum; den: TIES weights; then one delta per model.
-    std::vector<float> buf((4 + K) * kTile);
+    // bb: base; m: merged delta (TIES numerator); s: TIES signed sum; den: TIES weights; then, for TIES only
+    // (the sum consensus accumulates in one pass), one delta per model.
+    std::vector<float> buf((ties ? 4 + K : 4) * kTile);
     std::vector<uint32_t> words(kDrawWords);
     float *bb = buf.data(), *m = bb + kTile, *s = m + kTile, *den = s + kTile, *d0 = den + kTile;
     for (int64_t t = t0; t < t1; ++t) {

@@ -106,21 +106,26 @@ static void philox_words(uint64_t ctr0, int64_t nctr, uint32_t k0, uint32_t k1, 
 #endif
 
 // ---- exact widening to fp32 and round-to-nearest-even narrowing.
+// One element of a bf16/fp16/fp32 block, widened exactly to fp32.
+template <int DT>
+static inline float widen(const void* src, int64_t i) {
+  if (DT == kF32) return static_cast<const float*>(src)[i];
+  const uint16_t h = static_cast<const uint16_t*>(src)[i];
+  if (DT == kBF16) return u2f(uint32_t(h) << 16);
+  // fp16: rebias the exponent (inf/NaN: exponent 255); subnormals are exact as int * 2^-24
+  uint32_t em = h & 0x7FFFu, sign = uint32_t(h & 0x8000u) << 16;
+  uint32_t normal = (em << 13) + 0x38000000u + (em >= 0x7C00u ? 0x38000000u : 0u);
+  float sub = float(int32_t(em)) * 5.9604644775390625e-8f;
+  return u2f((em < 0x400u ? f2u(sub) : normal) | sign);
+}
+
 static void load(int dtype, const void* src, int64_t len, float* dst) {
   if (dtype == kF32) {
     __builtin_memcpy(dst, src, size_t(len) * 4);
   } else if (dtype == kBF16) {
-    const uint16_t* s = static_cast<const uint16_t*>(src);
-    uint32_t* d = reinterpret_cast<uint32_t*>(dst);
-    for (int64_t i = 0; i < len; ++i) d[i] = uint32_t(s[i]) << 16;
-  } else {  // fp16: rebias the exponent; subnormals are exact as int * 2^-24
-    const uint16_t* s = static_cast<const uint16_t*>(src);
-    for (int64_t i = 0; i < len; ++i) {
-      uint32_t em = s[i] & 0x7FFFu, sign = uint32_t(s[i] & 0x8000u) << 16;
-      uint32_t normal = (em << 13) + 0x38000000u + (em >= 0x7C00u ? 0x38000000u : 0u);  // inf/NaN: exponent 255
-      float sub = float(int32_t(em)) * 5.9604644775390625e-8f;
-      dst[i] = u2f((em < 0x400u ? f2u(sub) : normal) | sign);
-    }
+    for (int64_t i = 0; i < len; ++i) dst[i] = widen<kBF16>(src, i);
+  } else {
+    for (int64_t i = 0; i < len; ++i) dst[i] = widen<kF16>(src, i);
   }
 }
 
@@ -181,17 +186,6 @@ static void masked_delta(float* out, const float* x, const float* b, int64_t len
 // The "sum" consensus fused for one model, straight from its storage dtype:
 // m <- m + w * (keep ? (x - b) * r : +0), the same roundings in the same order
 // as load + masked_delta + axpy, without the three passes over the tile.
-template <int DT>
-static inline float widen(const void* src, int64_t i) {
-  if (DT == kF32) return static_cast<const float*>(src)[i];
-  const uint16_t h = static_cast<const uint16_t*>(src)[i];
-  if (DT == kBF16) return u2f(uint32_t(h) << 16);
-  uint32_t em = h & 0x7FFFu, sign = uint32_t(h & 0x8000u) << 16;  // fp16, as load()
-  uint32_t normal = (em << 13) + 0x38000000u + (em >= 0x7C00u ? 0x38000000u : 0u);
-  float sub = float(int32_t(em)) * 5.9604644775390625e-8f;
-  return u2f((em < 0x400u ? f2u(sub) : normal) | sign);
-}
-
 template <int DT, bool LO, bool HI, bool DROP>
 static void accum_delta_t(float* m, const void* x, const float* b, int64_t len, float w, float r, float lo,
                           float hi, const uint8_t* kb) {
