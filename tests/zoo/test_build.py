@@ -189,3 +189,13 @@ def test_catalogue_is_consistent():
         assert r["parent"] is None or C.CATALOGUE[r["parent"]]
         assert r["parent"] is None or list(C.CATALOGUE).index(r["parent"]) < list(C.CATALOGUE).index(name)
     assert {C.CATALOGUE[n]["kind"] for n in zoo.FAST_NAMES} >= {"base", "ft", "lora", "lora_merged"}
+
+
+def test_quiet_build_restores_the_callers_progress_bar_setting():
+    from transformers.utils import logging as hf_logging
+
+    for enabled in (False, True):
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+        with B._quiet_transformers():
+            assert not hf_logging.is_progress_bar_enabled()
+        assert hf_logging.is_progress_bar_enabled() == enabled

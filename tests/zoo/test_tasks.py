@@ -13,7 +13,7 @@ def test_splits_have_sizes_and_balanced_labels(task):
     data = T.load_task(task)
     assert list(data) == list(T.SPLITS)
     for split, rows in data.items():
-        assert len(rows) == T.SIZES[split]
+        assert len(rows) == T.default_sizes(task)[split]
         assert sum(y for _, y in rows) == len(rows) // 2, split
         assert all(isinstance(x, str) and y in (0, 1) for x, y in rows)
 
@@ -66,6 +66,20 @@ def test_labels_follow_the_templates():
         if " was praised by " in x:
             agent = x.split(" was praised by ")[1]
             assert y == int(any(agent.startswith(p) for p in W.SCI_SUBJ)), x
+
+
+def test_aspects_label_is_the_weighted_vote():
+    for split in ("train", "test_shifted"):
+        for x, y in T.load_task("aspects")[split]:
+            vote = 0
+            for clause in x.rstrip(".").replace("; ", ", ").replace(" and ", ", ").split(", "):
+                noun, rest = clause.removeprefix("the ").split(" was ")
+                negated = rest.startswith("not ")
+                adj = rest.removeprefix("not ")
+                positive = adj in W.POS_ADJ + W.POS_ADJ_SHIFT
+                assert positive or adj in W.NEG_ADJ + W.NEG_ADJ_SHIFT, x
+                vote += W.ASPECT_WEIGHT[noun] * (1 if positive != negated else -1)
+            assert y == int(vote > 0), x
 
 
 def test_sizes_override_and_validation():

@@ -97,6 +97,7 @@ def _quiet_transformers():
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
@@ -105,7 +106,8 @@ def _quiet_transformers():
             yield
     finally:
         hf_logging.set_verbosity(level)
-        hf_logging.enable_progress_bar()
+        if bars:  # restore the caller's setting, not "on"
+            hf_logging.enable_progress_bar()
 
 
 def resolve(names=None, fast: bool = False) -> list[str]:
@@ -172,9 +174,9 @@ def _build_one(recipe: dict, key: str, root: Path, progress: bool) -> None:
 
 
 def _sizes(recipe: dict) -> dict:
-    from weightops.zoo.tasks import SIZES
+    from weightops.zoo.tasks import default_sizes
 
-    return dict(SIZES, **(recipe.get("sizes") or {}))
+    return dict(default_sizes(recipe.get("task")), **(recipe.get("sizes") or {}))
 
 
 def get(name: str, fast: bool = False, progress: bool = True) -> Path:

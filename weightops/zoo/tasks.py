@@ -8,6 +8,13 @@ Each task mixes easy sentences with ones a bag-of-words reading gets wrong
 and passive or relative clauses): a linear probe on the frozen pretrained model
 then stays well below 100%, leaving room for fine-tunes and merges to differ.
 
+`aspects` is the hard one: a review of three aspects, each clause positive or
+negative (a "not" flips it), labelled by a weighted vote in which some aspects
+count more than others (`words.ASPECT_WEIGHT`). Fine-tunes reach ~0.95 on it, not
+1.0, so model soups can be compared with their ingredients in distribution; it
+has larger validation and test splits (`TASK_SIZES`) so that a point of
+accuracy is more than sampling noise.
+
 The `test_shifted` split uses other templates and held-out vocabulary.
 Splits are disjoint (test is drawn first, then validation, then train, each
 rejecting sentences already used) and exactly balanced.
@@ -20,12 +27,14 @@ from typing import Callable
 
 from weightops.zoo import words as W
 
-TASKS = ("sentiment", "topic")
+TASKS = ("sentiment", "topic", "aspects")
 SPLITS = ("train", "validation", "test", "test_shifted")
 SIZES = {"train": 2000, "validation": 400, "test": 500, "test_shifted": 500}
+TASK_SIZES = {"aspects": {"validation": 1000, "test": 1000}}
 LABEL_NAMES = {
     "sentiment": ("negative", "positive"),
     "topic": ("sports", "science"),
+    "aspects": ("negative", "positive"),
 }
 # Part of every split's seed: bump it and every task (and the zoo cache) changes.
 TASK_SEED = 9
@@ -105,9 +114,32 @@ def _topic_shifted(rng: random.Random, y: int) -> str:
     return _role(rng, y, (W.SPORT_SUBJ_SHIFT, W.SCI_SUBJ_SHIFT), W.ROLE_VERBS_SHIFT)
 
 
+# --- aspects ----------------------------------------------------------------
+def _aspects_review(rng: random.Random, y: int, shifted: bool) -> str:
+    while True:  # rejection: draw reviews until the weighted vote gives label y
+        clauses, vote = [], 0
+        for n in rng.sample(W.REVIEW_NOUNS, 3):
+            positive, negated = rng.random() < 0.5, rng.random() < 0.3
+            vote += W.ASPECT_WEIGHT[n] * (1 if positive != negated else -1)
+            clauses.append(f"the {n} was {'not ' if negated else ''}{_adj(rng, int(positive), shifted)}")
+        if (vote > 0) == bool(y):
+            if shifted:
+                return "; ".join(clauses) + "."
+            return f"{clauses[0]}, {clauses[1]} and {clauses[2]}."
+
+
+def _aspects(rng: random.Random, y: int) -> str:
+    return _aspects_review(rng, y, False)
+
+
+def _aspects_shifted(rng: random.Random, y: int) -> str:
+    return _aspects_review(rng, y, True)
+
+
 GENERATORS: dict[str, tuple[Gen, Gen]] = {
     "sentiment": (_sentiment, _sentiment_shifted),
     "topic": (_topic, _topic_shifted),
+    "aspects": (_aspects, _aspects_shifted),
 }
 
 
@@ -147,13 +179,18 @@ def _make(task: str, sizes: tuple[tuple[str, int], ...]) -> dict[str, tuple[tupl
     return {s: splits[s] for s in SPLITS}
 
 
+def default_sizes(task: str | None) -> dict[str, int]:
+    """Split sizes of `task` (SIZES, with the task's own TASK_SIZES over them)."""
+    return dict(SIZES, **TASK_SIZES.get(task, {}))
+
+
 def load_task(task: str, sizes: dict[str, int] | None = None) -> dict[str, list[tuple[str, int]]]:
     """Splits of `task`: {"train", "validation", "test", "test_shifted"} -> [(text, label)].
 
     `sizes` overrides the split sizes (the tiny test build uses small ones);
     sizes must be even, since labels are exactly balanced.
     """
-    size = dict(SIZES, **(sizes or {}))
+    size = dict(default_sizes(task), **(sizes or {}))
     if any(v % 2 or v <= 0 for v in size.values()):
         raise ValueError(f"split sizes must be positive and even: {size}")
     made = _make(task, tuple(sorted(size.items())))

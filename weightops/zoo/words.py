@@ -29,6 +29,12 @@ REVIEW_NOUNS = [
     "movie", "film", "plot", "acting", "soundtrack", "ending", "dinner", "meal",
     "service", "dessert", "restaurant", "show", "script", "cast", "soup", "pasta",
 ]
+# The `aspects` task's vote weights: odd, so a weighted sum of three +-1 polarities is never 0.
+ASPECT_WEIGHT = {
+    "movie": 5, "film": 5, "plot": 5, "acting": 5,
+    "soundtrack": 3, "ending": 3, "dinner": 3, "meal": 3, "service": 3,
+    "dessert": 1, "restaurant": 1, "show": 1, "script": 1, "cast": 1, "soup": 1, "pasta": 1,
+}
 REVIEW_NOUNS_SHIFT = [
     "hotel room", "laptop", "phone", "charger", "mattress", "backpack",
     "headset", "blender", "jacket", "camera", "printer", "suitcase",
