@@ -11,18 +11,23 @@ namespace weightops {
 struct TileKernels {
   const char* name;
   void (*philox_words)(uint64_t ctr0, int64_t nctr, uint32_t k0, uint32_t k1, uint32_t* out);
+  // low 16 bits of word 0 of counter (g0 + idx[j], 1, 0): the keep rule's second draw for ties
+  void (*tie_draws)(uint64_t g0, const uint32_t* idx, int64_t n, uint32_t k0, uint32_t k1, uint32_t* low);
   void (*load)(int dtype, const void* src, int64_t len, float* dst);
   void (*store)(int dtype, const float* src, int64_t len, void* dst);
   void (*masked_delta)(float* out, const float* x, const float* b, int64_t len, float r, int flags, float lo,
                        float hi, const uint8_t* keep);  // flags: 4 lo, 2 hi, 1 drop (keep: 0 = dropped)
   void (*accum_delta)(int dtype, float* m, const void* x, const float* b, int64_t len, float w, float r, int flags,
                       float lo, float hi, const uint8_t* keep);  // m += w * masked delta, x in its dtype
-  void (*classify_draws)(uint8_t* draws, int64_t len, uint32_t thr_hi);  // -> 0 drop, 1 keep, 2 tie
+  // random bytes -> 0 drop, 1 keep (keep may be draws); ties with thr_hi (to settle by the second draw) -> idx
+  // (room for len + 2 entries), their count returned
+  int64_t (*classify_draws)(const uint8_t* draws, uint8_t* keep, int64_t len, uint32_t thr_hi, uint32_t* idx);
   void (*fill_zero)(float* m, int64_t len);
   void (*axpy)(float* m, float w, const float* d, int64_t len);
   void (*ties_vote)(float* num, float* den, const float* s, float w, const float* d, int64_t len);
   void (*ties_mean)(float* num, const float* den, int64_t len);
   void (*finish)(float* m, const float* b, float lam, int64_t len);
+  void (*finish_store)(int dtype, const float* m, const float* b, float lam, int64_t len, void* dst);  // narrow(b + lam*m)
   void (*philox_keep)(const uint8_t* keep, int64_t len, bool* out);
   void (*abs_bits)(const float* x, const float* b, int64_t len, uint32_t* u);
 };
