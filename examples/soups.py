@@ -122,7 +122,7 @@ def plot(rows, path: Path) -> None:
     ax.set_ylim(max(0.0, lo - 0.05), 1.0)
     ax.set_ylabel("accuracy")
     ax.set_title(f"Soups of all-MiniLM-L6-v2 fine-tunes ({TASK}); held out: {HELD_OUT}")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
