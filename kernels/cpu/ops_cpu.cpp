@@ -154,8 +154,11 @@ void sum_consensus(const TileKernels& T, const Block& b, const std::vector<Block
                    const std::vector<float>& hi, const int64_t* keys, uint32_t thr, int64_t offset, float lam,
                    at::Tensor& out, int out_code) {
   const int64_t n = b.t.numel(), K = int64_t(xs.size()), ntiles = (n + kTile - 1) / kTile;
+  bool fused = K >= 1 && K <= kFusedModels && out_code == b.code;
+  for (int64_t i = 0; i < K; ++i) fused &= xs[i].code == b.code && (flags[i] & 6) == 0;
   at::parallel_for(0, ntiles, kGrainTiles, [&](int64_t t0, int64_t t1) {
     alignas(64) float bb[kChunk], m[kChunk];
+    const void* xp[kFusedModels];
     std::vector<uint32_t> words(keys ? K * kDrawWords : 0);  // the tile's keep bytes, one run per model
     std::vector<const uint8_t*> kb(K, nullptr);
     for (int64_t t = t0; t < t1; ++t) {
@@ -163,6 +166,12 @@ void sum_consensus(const TileKernels& T, const Block& b, const std::vector<Block
       for (int64_t i = 0; keys && i < K; ++i)
         kb[i] = element_keep(T, uint64_t(offset + tstart), tlen, uint32_t(keys[2 * i]), uint32_t(keys[2 * i + 1]),
                              thr, words.data() + i * kDrawWords);
+      if (fused) {
+        for (int64_t i = 0; i < K; ++i) xp[i] = xs[i].at(tstart);
+        T.sum_fused(out_code, int(K), keys != nullptr, b.at(tstart), xp, kb.data(), w.data(), r.data(), lam, tlen,
+                    out_at(out, tstart));
+        continue;
+      }
       for (int64_t c = 0; c < tlen; c += kChunk) {
         const int64_t start = tstart + c, len = std::min(kChunk, tlen - c);
         const float* bv = f32_tile(T, b, start, len, bb);
