@@ -8,6 +8,8 @@
 
 namespace weightops {
 
+constexpr int kFusedModels = 4;  // most models TileKernels::sum_fused takes
+
 struct TileKernels {
   const char* name;
   void (*philox_words)(uint64_t ctr0, int64_t nctr, uint32_t k0, uint32_t k1, uint32_t* out);
@@ -30,6 +32,10 @@ struct TileKernels {
   void (*finish_store)(int dtype, const float* m, const float* b, float lam, int64_t len, void* dst);  // narrow(b + lam*m)
   void (*philox_keep)(const uint8_t* keep, int64_t len, bool* out);
   void (*abs_bits)(const float* x, const float* b, int64_t len, uint32_t* u);
+  // the "sum" consensus of one span in one pass: every input and out in dtype, 1 <= k <= kFusedModels,
+  // no magnitude cuts; keep[i]: model i's keep bytes (read only when drop)
+  void (*sum_fused)(int dtype, int k, bool drop, const void* b, const void* const* xs, const uint8_t* const* keep,
+                    const float* w, const float* r, float lam, int64_t len, void* out);
 };
 
 const TileKernels* tile_kernels_base();

@@ -313,6 +313,63 @@ static void accum_delta(int dtype, float* m, const void* x, const float* b, int6
   else accum_delta_dt<kF16>(m, x, b, len, w, r, flags, lo, hi, kb);
 }
 
+// The whole "sum" consensus of one span in registers, for the common case (every input and the
+// output in one dtype, no magnitude cuts, K <= kFusedModels): out = narrow(b + lam * m) with
+// m = ((+0 + w_0 * dd_0) + w_1 * dd_1) + ..., dd_i = keep_i ? (x_i - b) * r_i : +0, the roundings
+// and order of accum_delta + finish_store. K is a template parameter so the model loop unrolls and
+// the element loop vectorises; no fp32 scratch goes through memory (the step-wise path's widened
+// base and accumulator cost loads and stores per model and element).
+template <int DT> struct OutBits { using type = uint16_t; };
+template <> struct OutBits<kF32> { using type = uint32_t; };
+
+template <int DT, int K, bool DROP>
+static void sum_fused_t(const void* b, const void* const* xs, const uint8_t* const* keep, const float* w,
+                        const float* r, float lam, int64_t len, void* out) {
+  const void* x[K];
+  const uint8_t* kb[K];
+  float ww[K], rr[K];
+  for (int j = 0; j < K; ++j) x[j] = xs[j], kb[j] = DROP ? keep[j] : nullptr, ww[j] = w[j], rr[j] = r[j];
+  using Out = typename OutBits<DT>::type;
+  Out* o = static_cast<Out*>(out);
+#pragma GCC ivdep
+  for (int64_t i = 0; i < len; ++i) {
+    const float bv = widen<DT>(b, i);
+    float m = 0.0f;
+    for (int j = 0; j < K; ++j) {
+      const float d = widen<DT>(x[j], i) - bv;
+      const float dd = d * rr[j];
+      m = m + ww[j] * (DROP && kb[j][i] == 0 ? 0.0f : dd);
+    }
+    o[i] = Out(narrow<DT>(bv + lam * m));
+  }
+}
+
+template <int DT, int K>
+static void sum_fused_k(bool drop, const void* b, const void* const* xs, const uint8_t* const* keep, const float* w,
+                        const float* r, float lam, int64_t len, void* out) {
+  if (drop) sum_fused_t<DT, K, true>(b, xs, keep, w, r, lam, len, out);
+  else sum_fused_t<DT, K, false>(b, xs, keep, w, r, lam, len, out);
+}
+
+template <int DT>
+static void sum_fused_dt(int k, bool drop, const void* b, const void* const* xs, const uint8_t* const* keep,
+                         const float* w, const float* r, float lam, int64_t len, void* out) {
+  static_assert(kFusedModels == 4, "one case per model count");
+  switch (k) {
+    case 1: sum_fused_k<DT, 1>(drop, b, xs, keep, w, r, lam, len, out); break;
+    case 2: sum_fused_k<DT, 2>(drop, b, xs, keep, w, r, lam, len, out); break;
+    case 3: sum_fused_k<DT, 3>(drop, b, xs, keep, w, r, lam, len, out); break;
+    default: sum_fused_k<DT, 4>(drop, b, xs, keep, w, r, lam, len, out); break;
+  }
+}
+
+static void sum_fused(int dtype, int k, bool drop, const void* b, const void* const* xs, const uint8_t* const* keep,
+                      const float* w, const float* r, float lam, int64_t len, void* out) {
+  if (dtype == kF32) sum_fused_dt<kF32>(k, drop, b, xs, keep, w, r, lam, len, out);
+  else if (dtype == kBF16) sum_fused_dt<kBF16>(k, drop, b, xs, keep, w, r, lam, len, out);
+  else sum_fused_dt<kF16>(k, drop, b, xs, keep, w, r, lam, len, out);
+}
+
 // Random bytes src -> dst: 0 (drop) or 1 (keep) (dst may be src); the positions of the bytes equal
 // to the threshold's high byte (ties, about 1 in 256: the caller settles them with the second draw)
 // go to idx, their number is returned. thr_hi = 256 (p = 1) drops everything and has no byte value.
@@ -412,7 +469,7 @@ static void abs_bits(const float* x, const float* b, int64_t len, uint32_t* u) {
 
 static const TileKernels table = {
     WO_ISA_NAME, philox_words, tie_draws, load, store, masked_delta, accum_delta, classify_draws, fill_zero, axpy, ties_vote,
-    ties_mean, finish, finish_store, philox_keep, abs_bits,
+    ties_mean, finish, finish_store, philox_keep, abs_bits, sum_fused,
 };
 
 }  // namespace WO_ISA

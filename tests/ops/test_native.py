@@ -242,3 +242,31 @@ def test_every_cpu_isa_matches_reference(isa):
             assert_same_bits(*both(ops.weighted_sum, [wide], [1.0], out_dtype=out_dtype))
     finally:
         W._cpu_isa(previous)
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_every_cpu_isa_fused_sum_matches_reference(isa):
+    """The one-pass "sum" consensus (inputs and output in one dtype, no magnitude cuts, 1-4 models) of each
+    ISA, with and without drops, across tile edges and offsets, with non-finite values and zero deltas."""
+    W = torch.ops.weightops
+    previous = W._cpu_isa("")
+    try:
+        W._cpu_isa(isa)
+    except RuntimeError as e:
+        pytest.skip(f"{isa} not available on this CPU: {e}")
+    try:
+        special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, 3e38, -3e38])
+        for dt in DTYPES:
+            for k in (1, 2, 3, 4, 5):
+                base, models = _inputs(6151, dt, [dt] * k, seed=10 + k)
+                for i, x in enumerate(models):
+                    x[100 + 16 * i:108 + 16 * i] = special.to(dt)
+                base[300:308] = special.to(dt)
+                weights, keys = [0.7, -0.2, 0.4, 0.1, 0.3][:k], [ops.model_key(4, i, "f") for i in range(k)]
+                for offset in (0, 2**34 - 37):
+                    assert_same_bits(*both(ops.delta_merge, base, models, weights, offset=offset, lam=1.3))
+                    for p in (0.5, 0.9):
+                        kw = dict(offset=offset, keys=keys, drop_threshold=ops.drop_threshold(p), rescales=[1 / (1 - p)] * k)
+                        assert_same_bits(*both(ops.delta_merge, base, models, weights, lam=0.8, **kw))
+    finally:
+        W._cpu_isa(previous)
