@@ -6,7 +6,8 @@ recipe, fine-tunes at a larger learning rate and/or more steps (larger deltas). 
 rate p the delta is pruned with DARE (rescale 1/(1-p)), DAREx-q (q chosen per
 rate by the unlabelled last-hidden-state proxy on 64 training texts, labels
 unused) and magnitude (top-k |δ| per tensor); we report test accuracy and the
-proxy. At p = 0.99 we add DAREx-q with q chosen on validation accuracy and
+proxy. At p = 0.99 we add DAREx-q with q chosen on validation accuracy (by the
+reference's two-stage grid and by our geometric grid, `--q-search log`) and
 the analytic per-layer q (η tuned on the proxy). The classifier head is kept
 unpruned, as the DAREx encoder code does (`--keep classifier`).
 
@@ -125,17 +126,23 @@ def sweep(spec: str, rates, args, unlabelled, proxy_file) -> dict:
     p = 0.99
     if p in rates:
         qv = select_q(base, ft, p, q_by="metric", metric=f"zoo:{TASK}:validation:200", keep=KEEP, seed=0)
+        qlog = select_q(base, ft, p, q_by="metric", metric=f"zoo:{TASK}:validation:200", keep=KEEP, seed=0, how="log")
         qa = select_q(base, ft, p, q_by="analytic", calib_data=str(proxy_file), proxy_data=str(proxy_file),
                       keep=KEEP, seed=0)
-        extra = {"q_by_metric": qv[0], "q_by_metric_evaluated": qv[2]["evaluated"], "analytic_eta": qa[2]["eta"],
+        extra = {"q_by_metric": qv[0], "q_by_metric_evaluated": qv[2]["evaluated"],
+                 "q_by_metric_log": qlog[0], "q_by_metric_log_evaluated": qlog[2]["evaluated"], "analytic_eta": qa[2]["eta"],
                  "analytic_q_mean": qa[2]["q_mean"]}
         for seed in range(args.seeds):
             a, pr = score("darex-q", p, seed, q=qv[0])
             res["runs"].append({"method": "darex-q-validation", "rate": p, "seed": seed, "q": qv[0], "test_acc": a, "proxy": pr})
+            al, prl = score("darex-q", p, seed, q=qlog[0])
+            res["runs"].append({"method": "darex-q-validation-log", "rate": p, "seed": seed, "q": qlog[0], "test_acc": al,
+                                "proxy": prl})
             a2, pr2 = score("darex-q", p, seed, q=1.0, q_map=qa[1])
             res["runs"].append({"method": "darex-q-analytic", "rate": p, "seed": seed, "q": qa[2]["q_mean"],
                                 "test_acc": a2, "proxy": pr2})
-            print(f"[{label}] p=0.99 darex-q validation q={qv[0]:.4f} seed {seed}: acc {a:.4f}; analytic "
+            print(f"[{label}] p=0.99 darex-q validation q={qv[0]:.4f} seed {seed}: acc {a:.4f}; log-grid q={qlog[0]:.4f}: "
+                  f"acc {al:.4f}; analytic "
                   f"(eta {qa[2]['eta']:.2f}, mean q {qa[2]['q_mean']:.4f}): acc {a2:.4f}", flush=True)
         with tempfile.TemporaryDirectory() as d:
             q = next(r["q"] for r in res["runs"] if r["method"] == "darex-q" and r["rate"] == p)

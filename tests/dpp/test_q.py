@@ -10,7 +10,7 @@ import torch
 
 from _fixtures import tiny_bert  # noqa: F401  (fixture)
 from weightops.dpp import analytic_q as A
-from weightops.dpp.q_search import bounded_search, grid_search
+from weightops.dpp.q_search import bounded_search, grid_search, log_grid_search, search
 from weightops.errors import WeightopsError
 
 
@@ -51,6 +51,34 @@ def test_bounded_search_finds_optimum():
     assert abs(r.x - 0.4321) < 1e-3
     r = bounded_search(lambda q: q, 0.01, 1.0)  # monotone: the end point wins
     assert r.x == 1.0
+
+
+def _narrow_peak_near_lo(q):
+    # DAREx-q at p = 0.99 in docs/dpp.md: a narrow optimum just above 1 - p = 0.01 and a broad,
+    # lower bump further out that a linear coarse grid climbs instead.
+    return math.exp(-((q - 0.02) / 0.004) ** 2) + 0.8 * math.exp(-((q - 0.2) / 0.1) ** 2)
+
+
+def test_log_grid_finds_the_narrow_peak_the_linear_grid_misses():
+    lin = grid_search(_narrow_peak_near_lo, 0.01, 1.0, 0.099)
+    log = log_grid_search(_narrow_peak_near_lo, 0.01, 1.0)
+    assert abs(lin.x - 0.2) < 0.05  # the reference's grid ends on the broad bump
+    assert abs(log.x - 0.02) < 0.003 and log.score > 0.75
+    assert len(log.evaluated) <= 20
+    assert all(0.01 - 1e-12 <= q <= 1.0 + 1e-12 for q, _ in log.evaluated)
+    assert search(_narrow_peak_near_lo, 0.01, 1.0, how="log").x == log.x
+
+
+@pytest.mark.parametrize("opt", [0.0137, 0.05, 0.31, 0.999])
+def test_log_grid_finds_smooth_optima(opt):
+    r = log_grid_search(lambda q: -(math.log(q) - math.log(opt)) ** 2, 0.01, 1.0)
+    assert abs(math.log(r.x / opt)) < math.log(10) / 5 / 5  # within one fine step
+    assert log_grid_search(lambda q: 1.0, 0.1, 0.5).x == 0.1  # ties keep the first evaluated
+
+
+def test_log_grid_needs_positive_lo():
+    with pytest.raises(WeightopsError, match="lo > 0"):
+        log_grid_search(lambda q: q, 0.0, 1.0)
 
 
 def test_search_bounds_are_checked():

@@ -27,7 +27,7 @@ def prune(
     eta: Optional[float] = typer.Option(None, help="analytic q: η (default: tuned on the proxy/metric, else 0.45)."),
     gamma: float = typer.Option(0.95, help="analytic q: confidence γ of the bound."),
     stop_frac: float = typer.Option(0.8, help="analytic q: stop the scan once this fraction of rows passed their optimum."),
-    q_search: str = typer.Option("grid", help="grid (the reference two-stage grid with early stop) | bounded (Brent)."),
+    q_search: str = typer.Option("grid", help="grid (the reference two-stage grid with early stop) | log (the same on a geometric grid: finds narrow optima near 1-p) | bounded (Brent)."),
     q_lo: Optional[float] = typer.Option(None, help="Lower search bound (default 1 - p)."),
     q_hi: Optional[float] = typer.Option(None, help="Upper search bound (default 1)."),
     q_step: Optional[float] = typer.Option(None, help="Coarse grid step (default (hi - lo)/10)."),

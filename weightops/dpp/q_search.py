@@ -10,6 +10,10 @@ Searches MAXIMISE `score(x)`; proxies are losses, so they are passed negated.
   can step past its upper bound, e.g. to q > 1).
 - `bounded_search`: Brent's bounded method (scipy) on [lo, hi] plus both end
   points; fewer evaluations when the score is unimodal.
+- `log_grid_search` (ours): the same two stages on a geometric grid. q's scale
+  is 1 − p (the drop rate's keep fraction), and at high p the best q can sit in
+  a narrow peak just above it that a linear coarse step of (hi − lo)/10 jumps
+  over; geometric points are as dense near lo, relatively, as near hi.
 Proxies (`HiddenStateProxy`, `TopKLogitProxy`) compare a pruned model with the
 fine-tuned one on unlabelled inputs, computed with `transformers`.
 """
@@ -80,6 +84,48 @@ def grid_search(score: Callable[[float], float], lo: float, hi: float, step: flo
     return SearchResult(bx, bs, evaluated, f"grid(lo={lo:g}, hi={hi:g}, step={step:g}, decay={decay:g})")
 
 
+def _geomgrid(lo: float, hi: float, per_decade: float) -> list[float]:
+    n = max(1, math.ceil(math.log10(hi / lo) * per_decade - 1e-9)) if hi > lo else 0
+    return [lo * (hi / lo) ** (i / n) for i in range(n + 1)] if n else [lo]
+
+
+def log_grid_search(score: Callable[[float], float], lo: float, hi: float, *, per_decade: int = 5,
+                    refine: int = 4, patience: int = 4) -> SearchResult:
+    """Geometric coarse grid (`per_decade` points per factor 10, early stop after `patience`
+    non-improvements, ties count as improvements), then `refine` geometric points inside each
+    coarse interval next to the best; the best of every point evaluated (first on ties)."""
+    _check_bounds(lo, hi)
+    if not lo > 0:
+        raise WeightopsError(f"--q-search log needs lo > 0, got {lo:g}")
+    evaluated: list[tuple[float, float]] = []
+    seen: dict[float, float] = {}
+
+    def run(points, stop):
+        best, bad = -math.inf, 0
+        for x in points:
+            if x not in seen:
+                seen[x] = float(score(x))
+                evaluated.append((x, seen[x]))
+            if seen[x] >= best:
+                best, bad = seen[x], 0
+            else:
+                bad += 1
+            if stop and bad >= patience:
+                break
+
+    coarse = _geomgrid(lo, hi, per_decade)
+    run(coarse, stop=True)
+    i = coarse.index(max(evaluated, key=lambda t: t[1])[0])
+    fine = []
+    for j in (i - 1, i):  # the coarse intervals on either side of the best point
+        if 0 <= j and j + 1 < len(coarse):
+            a, b = coarse[j], coarse[j + 1]
+            fine += [a * (b / a) ** (k / (refine + 1)) for k in range(1, refine + 1)]
+    run(sorted(fine), stop=False)
+    bx, bs = max(evaluated, key=lambda t: t[1])
+    return SearchResult(bx, bs, evaluated, f"log(lo={lo:g}, hi={hi:g}, per_decade={per_decade}, refine={refine})")
+
+
 def bounded_search(score: Callable[[float], float], lo: float, hi: float, *, xtol: float = 1e-3,
                    maxiter: int = 40) -> SearchResult:
     from scipy.optimize import minimize_scalar
@@ -106,7 +152,9 @@ def search(score, lo, hi, *, how: str = "grid", step: float | None = None, decay
         return grid_search(score, lo, hi, step if step is not None else (hi - lo) / 10 or 1.0, decay=decay)
     if how == "bounded":
         return bounded_search(score, lo, hi, xtol=xtol)
-    raise WeightopsError(f"--q-search must be grid or bounded, got {how}")
+    if how == "log":
+        return log_grid_search(score, lo, hi)
+    raise WeightopsError(f"--q-search must be grid, log or bounded, got {how}")
 
 
 # -- unlabelled proxies -------------------------------------------------------------------
