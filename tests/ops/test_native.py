@@ -213,60 +213,55 @@ def test_cuda_matches_cpu_reference(consensus):
                        ops.philox_keep_mask((9, 9), 3, 1001, 77777))
 
 
-@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
-def test_every_cpu_isa_matches_reference(isa):
+@pytest.fixture(params=["baseline", "avx2", "avx512"])
+def cpu_isa(request):
+    """Each CPU tile table in turn (skipped where the CPU lacks it); the previous one restored after."""
     W = torch.ops.weightops
-    previous = W._cpu_isa("")
+    isa, previous = request.param, W._cpu_isa("")
     try:
         W._cpu_isa(isa)
     except RuntimeError as e:
         pytest.skip(f"{isa} not available on this CPU: {e}")
     try:
-        assert W._cpu_isa("") == isa
-        base, models = _inputs(20_011, torch.float16, [torch.bfloat16, torch.float16, torch.float32], seed=8)
-        keys = [(11, 12), (13, 14), (2**32 - 1, 0)]
-        for consensus in ("sum", "ties"):
-            kw = dict(offset=2**34 - 37, keys=keys, drop_threshold=ops.drop_threshold(0.5), rescales=[2.0] * 3,
-                      lo=[0.0, 0.001, 0.002], hi=[0.05, math.inf, 0.04], consensus=consensus)
-            for out_dtype in DTYPES:
-                assert_same_bits(*both(ops.delta_merge, base, models, [0.2, 0.3, 0.5], out_dtype=out_dtype, **kw))
-        assert_same_bits(*both(ops.weighted_sum, models, [0.2, 0.3, 0.5], out_dtype=torch.float16))
-        assert torch.equal(*both(ops.abs_histogram, models[0], base))
-        assert torch.equal(*both(ops.philox_keep_mask, (5, 6), 2**34 - 5, 9999, 1 << 23))
-        # Every fp16 bit pattern widened, and fp32 values across the fp16/bf16 ranges narrowed.
-        all_halves = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16)
-        assert_same_bits(*both(ops.weighted_sum, [all_halves], [1.0], out_dtype=torch.float32))
-        g = torch.Generator().manual_seed(9)
-        wide = torch.randn(200_000, generator=g) * torch.logspace(-45, 38, 200_000).float()
-        for out_dtype in (torch.float16, torch.bfloat16):
-            assert_same_bits(*both(ops.weighted_sum, [wide], [1.0], out_dtype=out_dtype))
+        yield isa
     finally:
         W._cpu_isa(previous)
 
 
-@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
-def test_every_cpu_isa_fused_sum_matches_reference(isa):
+def test_every_cpu_isa_matches_reference(cpu_isa):
+    assert torch.ops.weightops._cpu_isa("") == cpu_isa
+    base, models = _inputs(20_011, torch.float16, [torch.bfloat16, torch.float16, torch.float32], seed=8)
+    keys = [(11, 12), (13, 14), (2**32 - 1, 0)]
+    for consensus in ("sum", "ties"):
+        kw = dict(offset=2**34 - 37, keys=keys, drop_threshold=ops.drop_threshold(0.5), rescales=[2.0] * 3,
+                  lo=[0.0, 0.001, 0.002], hi=[0.05, math.inf, 0.04], consensus=consensus)
+        for out_dtype in DTYPES:
+            assert_same_bits(*both(ops.delta_merge, base, models, [0.2, 0.3, 0.5], out_dtype=out_dtype, **kw))
+    assert_same_bits(*both(ops.weighted_sum, models, [0.2, 0.3, 0.5], out_dtype=torch.float16))
+    assert torch.equal(*both(ops.abs_histogram, models[0], base))
+    assert torch.equal(*both(ops.philox_keep_mask, (5, 6), 2**34 - 5, 9999, 1 << 23))
+    # Every fp16 bit pattern widened, and fp32 values across the fp16/bf16 ranges narrowed.
+    all_halves = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    assert_same_bits(*both(ops.weighted_sum, [all_halves], [1.0], out_dtype=torch.float32))
+    g = torch.Generator().manual_seed(9)
+    wide = torch.randn(200_000, generator=g) * torch.logspace(-45, 38, 200_000).float()
+    for out_dtype in (torch.float16, torch.bfloat16):
+        assert_same_bits(*both(ops.weighted_sum, [wide], [1.0], out_dtype=out_dtype))
+
+
+def test_every_cpu_isa_fused_sum_matches_reference(cpu_isa):
     """The one-pass "sum" consensus (inputs and output in one dtype, no magnitude cuts, 1-4 models) of each
     ISA, with and without drops, across tile edges and offsets, with non-finite values and zero deltas."""
-    W = torch.ops.weightops
-    previous = W._cpu_isa("")
-    try:
-        W._cpu_isa(isa)
-    except RuntimeError as e:
-        pytest.skip(f"{isa} not available on this CPU: {e}")
-    try:
-        special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, 3e38, -3e38])
-        for dt in DTYPES:
-            for k in (1, 2, 3, 4, 5):
-                base, models = _inputs(6151, dt, [dt] * k, seed=10 + k)
-                for i, x in enumerate(models):
-                    x[100 + 16 * i:108 + 16 * i] = special.to(dt)
-                base[300:308] = special.to(dt)
-                weights, keys = [0.7, -0.2, 0.4, 0.1, 0.3][:k], [ops.model_key(4, i, "f") for i in range(k)]
-                for offset in (0, 2**34 - 37):
-                    assert_same_bits(*both(ops.delta_merge, base, models, weights, offset=offset, lam=1.3))
-                    for p in (0.5, 0.9):
-                        kw = dict(offset=offset, keys=keys, drop_threshold=ops.drop_threshold(p), rescales=[1 / (1 - p)] * k)
-                        assert_same_bits(*both(ops.delta_merge, base, models, weights, lam=0.8, **kw))
-    finally:
-        W._cpu_isa(previous)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, 3e38, -3e38])
+    for dt in DTYPES:
+        for k in (1, 2, 3, 4, 5):
+            base, models = _inputs(6151, dt, [dt] * k, seed=10 + k)
+            for i, x in enumerate(models):
+                x[100 + 16 * i:108 + 16 * i] = special.to(dt)
+            base[300:308] = special.to(dt)
+            weights, keys = [0.7, -0.2, 0.4, 0.1, 0.3][:k], [ops.model_key(4, i, "f") for i in range(k)]
+            for offset in (0, 2**34 - 37):
+                assert_same_bits(*both(ops.delta_merge, base, models, weights, offset=offset, lam=1.3))
+                for p in (0.5, 0.9):
+                    kw = dict(offset=offset, keys=keys, drop_threshold=ops.drop_threshold(p), rescales=[1 / (1 - p)] * k)
+                    assert_same_bits(*both(ops.delta_merge, base, models, weights, lam=0.8, **kw))
