@@ -52,6 +52,22 @@ def _check_bounds(lo: float, hi: float, step: float | None = None) -> None:
         raise WeightopsError(f"search step must be > 0, got {step:g}")
 
 
+def _scan(score, points, seen: dict[float, float], evaluated: list, patience: int | None) -> None:
+    """Score `points` in order, each x once across stages (`seen`, `evaluated` grow); stop after
+    `patience` non-improvements in a row (ties count as improvements), or never when None."""
+    best, bad = -math.inf, 0
+    for x in points:
+        if x not in seen:
+            seen[x] = float(score(x))
+            evaluated.append((x, seen[x]))
+        if seen[x] >= best:
+            best, bad = seen[x], 0
+        else:
+            bad += 1
+        if patience is not None and bad >= patience:
+            break
+
+
 def grid_search(score: Callable[[float], float], lo: float, hi: float, step: float, *,
                 decay: float = 0.1, patience: int = 4) -> SearchResult:
     _check_bounds(lo, hi, step)
@@ -59,34 +75,19 @@ def grid_search(score: Callable[[float], float], lo: float, hi: float, step: flo
         raise WeightopsError(f"decay must be in (0, 1], got {decay:g}")
     evaluated: list[tuple[float, float]] = []
     seen: dict[float, float] = {}
-
-    def stage(points):
-        best, bad = -math.inf, 0
-        for x in points:
-            s = seen[x] if x in seen else float(score(x))
-            if x not in seen:
-                seen[x] = s
-                evaluated.append((x, s))
-            if s >= best:
-                best, bad = s, 0
-            else:
-                bad += 1
-            if bad >= patience:
-                break
-
-    stage(_grid(lo, hi, step))
+    _scan(score, _grid(lo, hi, step), seen, evaluated, patience)
     x1 = max(evaluated, key=lambda t: t[1])[0]
     lo2 = max(lo + step * decay, x1 - step * (1 - decay))
     hi2 = min(hi, x1 + step - step * decay * 1e-6)
     if lo2 <= hi2 and decay < 1:
-        stage(_grid(lo2, hi2, step * decay))
+        _scan(score, _grid(lo2, hi2, step * decay), seen, evaluated, patience)
     bx, bs = max(evaluated, key=lambda t: t[1])  # max() keeps the first of equals
     return SearchResult(bx, bs, evaluated, f"grid(lo={lo:g}, hi={hi:g}, step={step:g}, decay={decay:g})")
 
 
 def _geomgrid(lo: float, hi: float, per_decade: float) -> list[float]:
     n = max(1, math.ceil(math.log10(hi / lo) * per_decade - 1e-9)) if hi > lo else 0
-    return [lo * (hi / lo) ** (i / n) for i in range(n + 1)] if n else [lo]
+    return [lo * (hi / lo) ** (i / n) for i in range(n)] + [hi] if n else [lo]
 
 
 def log_grid_search(score: Callable[[float], float], lo: float, hi: float, *, per_decade: int = 5,
@@ -99,29 +100,15 @@ def log_grid_search(score: Callable[[float], float], lo: float, hi: float, *, pe
         raise WeightopsError(f"--q-search log needs lo > 0, got {lo:g}")
     evaluated: list[tuple[float, float]] = []
     seen: dict[float, float] = {}
-
-    def run(points, stop):
-        best, bad = -math.inf, 0
-        for x in points:
-            if x not in seen:
-                seen[x] = float(score(x))
-                evaluated.append((x, seen[x]))
-            if seen[x] >= best:
-                best, bad = seen[x], 0
-            else:
-                bad += 1
-            if stop and bad >= patience:
-                break
-
     coarse = _geomgrid(lo, hi, per_decade)
-    run(coarse, stop=True)
+    _scan(score, coarse, seen, evaluated, patience)
     i = coarse.index(max(evaluated, key=lambda t: t[1])[0])
     fine = []
     for j in (i - 1, i):  # the coarse intervals on either side of the best point
         if 0 <= j and j + 1 < len(coarse):
             a, b = coarse[j], coarse[j + 1]
             fine += [a * (b / a) ** (k / (refine + 1)) for k in range(1, refine + 1)]
-    run(sorted(fine), stop=False)
+    _scan(score, sorted(fine), seen, evaluated, None)
     bx, bs = max(evaluated, key=lambda t: t[1])
     return SearchResult(bx, bs, evaluated, f"log(lo={lo:g}, hi={hi:g}, per_decade={per_decade}, refine={refine})")
 
