@@ -28,7 +28,6 @@ struct TileKernels {
   void (*axpy)(float* m, float w, const float* d, int64_t len);
   void (*ties_vote)(float* num, float* den, const float* s, float w, const float* d, int64_t len);
   void (*ties_mean)(float* num, const float* den, int64_t len);
-  void (*finish)(float* m, const float* b, float lam, int64_t len);
   void (*finish_store)(int dtype, const float* m, const float* b, float lam, int64_t len, void* dst);  // narrow(b + lam*m)
   void (*philox_keep)(const uint8_t* keep, int64_t len, bool* out);
   void (*abs_bits)(const float* x, const float* b, int64_t len, uint32_t* u);

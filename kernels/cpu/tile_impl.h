@@ -225,7 +225,7 @@ static void store(int dtype, const float* src, int64_t len, void* dst) {
   else store_dt<kF16>(src, len, dst);
 }
 
-// dst <- narrow(b + lam * m): finish and store in one pass over the tile.
+// dst <- narrow(b + lam * m) in one pass over the tile.
 template <int DT>
 static void finish_store_dt(const float* m, const float* b, float lam, int64_t len, void* dst) {
   if (DT == kF32) {
@@ -450,10 +450,6 @@ static void ties_mean(float* num, const float* den, int64_t len) {
   }
 }
 
-static void finish(float* m, const float* b, float lam, int64_t len) {  // b + lam*m
-  for (int64_t i = 0; i < len; ++i) m[i] = b[i] + lam * m[i];
-}
-
 static void philox_keep(const uint8_t* kb, int64_t len, bool* out) {
   for (int64_t i = 0; i < len; ++i) out[i] = kb[i] != 0;
 }
@@ -469,7 +465,7 @@ static void abs_bits(const float* x, const float* b, int64_t len, uint32_t* u) {
 
 static const TileKernels table = {
     WO_ISA_NAME, philox_words, tie_draws, load, store, masked_delta, accum_delta, classify_draws, fill_zero, axpy, ties_vote,
-    ties_mean, finish, finish_store, philox_keep, abs_bits, sum_fused,
+    ties_mean, finish_store, philox_keep, abs_bits, sum_fused,
 };
 
 }  // namespace WO_ISA
