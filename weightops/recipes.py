@@ -314,7 +314,8 @@ def _type_ok(value, hint) -> bool:
     if origin in (list, tuple, collections.abc.Sequence) or hint in (list, tuple):
         if not isinstance(value, (list, tuple)):
             return False
-        item = args[0] if args and args[-1] is not Ellipsis or len(args) == 2 else None
+        # list[X], Sequence[X], tuple[X, ...]: every item an X; a fixed-length tuple[X, Y] is not checked
+        item = args[0] if len(args) == 1 or (len(args) == 2 and args[1] is Ellipsis) else None
         return item is None or all(_type_ok(v, item) for v in value)
     if origin is dict or hint is dict:
         return isinstance(value, dict)

@@ -44,7 +44,7 @@ def _catalogue() -> list[dict]:
             "hp": {"probe": True}, "sizes": None}]
     out += [_ft("sentiment", lr, s) for lr in (1e-4, 5e-5) for s in (0, 1)]
     out += [_ft("topic", 1e-4, s) for s in (0, 1)]
-    # Soup ingredients on the one task that does not saturate (test ~0.92-0.96 after 250 steps).
+    # Soup ingredients on the one task that does not saturate (test 0.773-0.968 after 250 steps; docs/zoo.md).
     out += [_ft("aspects", lr, s, hp=dict(FT, steps=250)) for lr in (1e-4, 2e-4, 3e-4) for s in (0, 1)]
     out += [_ft(t, 0.1, 0, name=f"{t}-ft-sgd", hp=SGD) for t in ("sentiment", "topic")]
     out.append(_ft("sentiment", 0.1, 1, name="sentiment-ft-sgd-s1", hp=SGD))
