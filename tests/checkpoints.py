@@ -30,10 +30,57 @@ def make_bert_state(seed: int, dtype=torch.float32, base: dict | None = None, sc
             for k, v in base.items()}
 
 
-def write_model(path: Path, sd: dict, shards: int = 1) -> Path:
-    """Save an HF-layout directory (config.json + one file or `shards` shards with an index)."""
+# A Llama-shaped decoder (GQA, SwiGLU, untied head) small enough for unit tests; the
+# hidden/intermediate sizes do not divide the engine's block sizes on purpose.
+TINY_LLAMA = dict(vocab_size=96, hidden_size=40, intermediate_size=108, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=10, max_position_embeddings=64,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, model_type="llama",
+                  architectures=["LlamaForCausalLM"], torch_dtype="bfloat16", hidden_act="silu",
+                  bos_token_id=1, eos_token_id=2)
+
+
+def llama_shapes(cfg: dict = TINY_LLAMA) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of LlamaForCausalLM's state dict, in its order."""
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    out = {"model.embed_tokens.weight": (v, h)}
+    for n in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        out.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                    p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                    p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                    p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
+                    p + "post_attention_layernorm.weight": (h,)})
+    out["model.norm.weight"] = (h,)
+    if not cfg.get("tie_word_embeddings"):
+        out["lm_head.weight"] = (v, h)
+    return out
+
+
+def make_llama_state(seed: int, base: dict | None = None, *, dtype=torch.bfloat16, delta: float = 3e-4,
+                     cfg: dict = TINY_LLAMA) -> dict:
+    """A Llama-shaped state dict as users merge them: weights ~N(0, 0.02), norms ~1, all in `dtype`.
+
+    With `base`, a 'fine-tune': base + N(0, delta) computed in fp32 and rounded to `dtype`, so in
+    bf16 most deltas are a few ulps and |delta| takes few distinct values (many exact ties).
+    """
+    g = torch.Generator().manual_seed(seed)
+    if base is not None:
+        return {k: (v.float() + delta * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in base.items()}
+    out = {}
+    for k, shape in llama_shapes(cfg).items():
+        x = 1.0 + 0.05 * torch.randn(shape, generator=g) if k.endswith("norm.weight") else 0.02 * torch.randn(shape, generator=g)
+        out[k] = x.to(dtype)
+    return out
+
+
+def write_model(path: Path, sd: dict, shards: int = 1, config: dict | None = None) -> Path:
+    """Save an HF-layout directory (config.json + one file or `shards` shards with an index).
+
+    `config` defaults to the tiny BERT's; pass TINY_LLAMA for make_llama_state's models."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(TINY_BERT))
+    (path / "config.json").write_text(json.dumps(config or TINY_BERT))
     names = list(sd)
     if shards == 1:
         save_file({k: v.contiguous() for k, v in sd.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
