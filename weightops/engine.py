@@ -14,6 +14,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime as _dt
 import json
 import math
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from weightops import __version__, ops
+from weightops import __version__, card, hub, ops
 from weightops.errors import AlignmentError, NumericError, WeightopsError
 from weightops.io.checkpoint import Checkpoint, is_adapter_dir, open_source
 from weightops.io.safetensors_file import FLOAT_DTYPES
@@ -179,9 +181,27 @@ class _Numerics:
         return out
 
 
+_NESTED = contextvars.ContextVar("weightops_nested_progress", default=None)
+
+
+@contextlib.contextmanager
+def nested_progress(label: str | None):
+    """Inside this block a quiet run_streaming still shows its byte counter and rate, labelled, under the
+    caller's own bar (a recipe step); label None: stay quiet."""
+    tok = _NESTED.set(label)
+    try:
+        yield
+    finally:
+        _NESTED.reset(tok)
+
+
 def _progress(total: int, quiet: bool, desc: str):
     from tqdm.auto import tqdm
 
+    nested = _NESTED.get()
+    if quiet and nested is not None:
+        return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"{nested} {desc}", leave=False,
+                    delay=1.0, dynamic_ncols=True, file=sys.stderr, position=1)
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=quiet,
                 delay=1.0, dynamic_ncols=True, file=sys.stderr)
 
@@ -316,10 +336,7 @@ def run_streaming(method: Method, params, base_src, sources: list, *, out, dtype
             "block_size": block_size,
             "threads": torch.get_num_threads(),
             "kernels": ops.kernels_in_use(),
-            "inputs": ([{"role": "base", "path": str(base_src.path), "kind": base_src.kind, "files": base_src.file_hashes()}]
-                       if base_src is not None else [])
-                      + [{"role": "model", "index": i + 1, "path": str(s.path), "kind": s.kind, "files": s.file_hashes()}
-                         for i, s in enumerate(sources)],
+            "inputs": _inputs_manifest(base_src, sources),
             "outputs": {
                 "shards": [writer.shard_name(i) for i in range(writer.n_shards)],
                 "total_bytes": writer.total_bytes,
@@ -332,10 +349,26 @@ def run_streaming(method: Method, params, base_src, sources: list, *, out, dtype
             "bytes_read": bytes_read,
         }
         writer.add_json("weightops.json", manifest)
+        if card.enabled():
+            writer.add_text("README.md", card.render(manifest, Path(out).name))
         writer.commit()
     for s in everything:
         s.close()
     return MergeResult(Path(out), time.perf_counter() - t0, bytes_read, writer.total_bytes, warnings, manifest)
+
+
+def _inputs_manifest(base_src, sources) -> list[dict]:
+    """Each input: role, path, kind, files (sha256), and the hub id/revision/commit it was resolved from.
+    A source may describe itself instead (`manifest_inputs`, e.g. the mergekit planner's routed inputs)."""
+    first = base_src if base_src is not None else (sources[0] if sources else None)
+    custom = getattr(first, "manifest_inputs", None)
+    if custom is not None:
+        return custom()
+
+    def one(s, **role):
+        return {**role, "path": str(s.path), "kind": s.kind, **hub.describe(s.path), "files": s.file_hashes()}
+    return ([one(base_src, role="base")] if base_src is not None else []) + \
+        [one(s, role="model", index=i + 1) for i, s in enumerate(sources)]
 
 
 def load_manifest(path) -> dict:
