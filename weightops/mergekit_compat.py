@@ -447,22 +447,26 @@ SPECS: dict[str, MethodSpec] = {
 # `density` is the one whose meaning depends on the method (docs/merging.md, "mergekit parameters"):
 #   ties, breadcrumbs*, della*: fraction of |δ| KEPT (magnitude trim / DELLA's mean keep probability);
 #   dare_*: the KEEP probability of the random drop, i.e. our --drop-rate is 1 − density.
+def _l1_or_none(r) -> str:
+    return "l1" if r else "none"
+
+
 PARAMETER_MAP: dict[str, dict[str, tuple[str | None, Any]]] = {
     "linear": {"weight": ("weights", None), "normalize": ("normalize", None)},
     "task_arithmetic": {"weight": ("weights", None), "lambda": ("lam", None)},
     "ties": {"weight": ("weights", None), "lambda": ("lam", None), "density": ("density", None)},
     "dare_linear": {"weight": ("weights", None), "lambda": ("lam", None),
-                    "density": ("drop_rate", lambda d: 1.0 - d), "rescale": ("rescale", lambda r: "l1" if r else "none")},
+                    "density": ("drop_rate", lambda d: 1.0 - d), "rescale": ("rescale", _l1_or_none)},
     "dare_ties": {"weight": ("weights", None), "lambda": ("lam", None),
-                  "density": ("drop_rate", lambda d: 1.0 - d), "rescale": ("rescale", lambda r: "l1" if r else "none")},
+                  "density": ("drop_rate", lambda d: 1.0 - d), "rescale": ("rescale", _l1_or_none)},
     "breadcrumbs": {"weight": ("weights", None), "lambda": ("lam", None), "density": ("density", None),
                     "gamma": ("gamma", None)},
     "breadcrumbs_ties": {"weight": ("weights", None), "lambda": ("lam", None), "density": ("density", None),
-                         "gamma": ("gamma", None), "normalize": ("normalize", None), "rescale": ("rescale", None)},
+                         "gamma": ("gamma", None), "normalize": ("normalize", None), "rescale": ("rescale", _l1_or_none)},
     "della": {"weight": ("weights", None), "lambda": ("lam", None), "density": ("density", None),
-              "epsilon": ("epsilon", None), "normalize": ("normalize", None), "rescale": ("rescale", None)},
+              "epsilon": ("epsilon", None), "normalize": ("normalize", None), "rescale": ("rescale", _l1_or_none)},
     "della_linear": {"weight": ("weights", None), "lambda": ("lam", None), "density": ("density", None),
-                     "epsilon": ("epsilon", None), "normalize": ("normalize", None), "rescale": ("rescale", None)},
+                     "epsilon": ("epsilon", None), "normalize": ("normalize", None), "rescale": ("rescale", _l1_or_none)},
     "slerp": {"t": ("t", None)},
     "model_stock": {"filter_wise": ("filter_wise", None)},
     "nuslerp": {"weight": ("weights", None), "nuslerp_row_wise": ("nuslerp_row_wise", None),

@@ -58,7 +58,8 @@ class NearSwap(Method):
 
     def merge_block(self, job, p, state, start, base, models):
         a, b = base.float().reshape(-1), models[0].float().reshape(-1)
-        w = (torch.tensor(p.t, dtype=torch.float32) / (a - b).abs().clamp(min=1e-6)).clamp(0, 1)
+        # t / x as torch evaluates mergekit's `t / absdiff` (reciprocal, then times t in fp32): same bits
+        w = ((a - b).abs().clamp(min=1e-6).reciprocal() * torch.tensor(p.t, dtype=torch.float32)).clamp(0, 1)
         return w * b + (1 - w) * a
 
 
