@@ -210,8 +210,11 @@ def merge(models: Sequence[str | os.PathLike], *, out: str | os.PathLike, base: 
           method: str = "linear", weights: Sequence[float] | None = None, lam: float | None = None,
           density: float | None = None, gamma: float | None = None, drop_rate: float | None = None,
           rescale: str | None = None, q: float | Sequence[float] | None = None, trim_scope: str | None = None,
-          t: float | None = None, normalize: bool | None = None, seed: int = 0,
-          dtype: str | None = None, shard_size: str | int = "5GB", block_size: int | None = None, threads: int | None = None,
+          t: float | None = None, normalize: bool | None = None, epsilon: float | Sequence[float] | None = None,
+          select_topk: float | None = None, nuslerp_flatten: bool | None = None, nuslerp_row_wise: bool | None = None,
+          max_iter: int | None = None, tol: float | None = None, filter_wise: bool | None = None,
+          eps: float | None = None, r: float | None = None, alpha: float | None = None, scale: float | None = None,
+          seed: int = 0, dtype: str | None = None, shard_size: str | int = "5GB", block_size: int | None = None, threads: int | None = None,
           kernels: str = "auto", allow_missing: bool = False, allow_dtype_mix: bool = False,
           exclude: str | None = None, clamp: bool = False, strict: bool = False, force: bool = False,
           quiet: bool = False, command: list[str] | None = None) -> MergeResult:
@@ -225,7 +228,10 @@ def merge(models: Sequence[str | os.PathLike], *, out: str | os.PathLike, base: 
     if m.needs_base and base is None:
         raise WeightopsError(f"method {m.name} needs --base (the model the others were fine-tuned from)")
     params = m.resolve(MergeParams(weights=weights, lam=lam, density=density, gamma=gamma, drop_rate=drop_rate,
-                                   rescale=rescale, q=q, trim_scope=trim_scope, t=t, normalize=normalize, seed=seed), n)
+                                   rescale=rescale, q=q, trim_scope=trim_scope, t=t, normalize=normalize, epsilon=epsilon,
+                                   select_topk=select_topk, nuslerp_flatten=nuslerp_flatten,
+                                   nuslerp_row_wise=nuslerp_row_wise, max_iter=max_iter, tol=tol, filter_wise=filter_wise,
+                                   eps=eps, r=r, alpha=alpha, scale=scale, seed=seed), n)
     base_src = Checkpoint(base) if base is not None else None
     if base_src is None and any(is_adapter_dir(x) for x in models):
         raise WeightopsError("LoRA adapters among the models need --base (the model they were trained on)")
