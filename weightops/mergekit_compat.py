@@ -744,8 +744,11 @@ def plan_config(config, *, seed: int = 0) -> Plan:
             for k, nm in ins[1:]:
                 other = models.sources[k].infos[nm]
                 if tuple(other.shape) != tuple(info.shape):
+                    vocab = L.is_embedding(out_name) or out_name.endswith("lm_head.weight")
+                    hint = (" (the vocabularies differ: weightops cannot align them yet, as mergekit's tokenizer_source "
+                            "would; merge models that share a tokenizer, or resize the embeddings first)" if vocab else "")
                     raise MergekitError(f"'{out_name}': {nm} is {list(other.shape)} in {k} but {list(info.shape)} in "
-                                        f"{ins[0][0]} (vocabulary sizes differ? set tokenizer_source: union or base)")
+                                        f"{ins[0][0]}{hint}")
             tensors.append(OutTensor(out_name, tuple(info.shape), info.dtype, inputs, bpos, shared, t))
 
         def need(key: str, name: str, what: str):
