@@ -15,7 +15,7 @@ import math
 import torch
 
 from weightops.errors import WeightopsError
-from weightops.methods.base import Method, MergeParams, TensorJob, register
+from weightops.methods.base import Method, TensorJob, register
 
 # How a tensor splits into the vectors a method treats separately.
 FLAT, ROWS, COLUMNS = "flat", "rows", "columns"  # whole tensor | along the last axis | along the first axis
