@@ -1,158 +1,82 @@
-"""weightops vs mergekit itself on the same YAML configs: how close are the tensors?
+"""weightops vs mergekit 0.1.5 itself on the same YAML configs: every method and feature.
 
-    python benchmarks/mergekit_parity.py --mergekit-python /tmp/mkvenv/bin/python
-    # results: benchmarks/results/mergekit_parity.json
+    python benchmarks/mergekit_parity.py [--only ties,sce] [--out benchmarks/results/mergekit_parity.json]
 
-mergekit must live in its own environment so it never changes this one's
-torch; the one measured here was made with
-    python -m venv --system-site-packages /tmp/mkvenv
-    /tmp/mkvenv/bin/pip install --no-deps mergekit==0.1.5 immutables==0.21
-(it reuses the system torch, so nothing CUDA is pulled in).
-
-Models: a small BertForSequenceClassification (hidden 64, 4 layers) made on
-the fly, and fine-tunes of it (base + small noise), fp32 and written with
-save_pretrained. Each config is run by `mergekit-yaml` (in that venv) and by
-`weightops run` (the mergekit compatibility layer), and compared tensor by
-tensor: the largest |difference| relative to the largest |value|, and the
-fraction of elements that are bit-identical. DARE configs draw random masks
-(mergekit: torch's generator; weightops: Philox), so they are expected to
-differ; they are listed with that note.
+mergekit 0.1.5 is a test dependency (pyproject `dev` extra; it moves none of torch,
+transformers, peft, safetensors, numpy, pydantic or click), so both run in this process.
+Models: generated Llama-shaped bf16 checkpoints (tests/mkcases.py: hidden 40, 6 layers, GQA,
+SwiGLU, untied head; three fine-tunes with deltas 3e-4, 1e-4, 1e-3 rounded to bf16). Every config
+computes in fp32 (`dtype: float32`). For each case: mergekit's `run_merge` and weightops'
+`mergekit_merge` write an output; the tensors are compared (max |Δ| / max |x| of the worst tensor,
+and how many elements differ), and each case's expectation (mkcases.py: exact, fp32, count,
+random) says which differences are by a documented rule. Seconds are wall time on the shared
+2-core machine (under load: other agents run there), mergekit's including its planning.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-import yaml
+# this directory's kernels.py would shadow the `kernels` package transformers imports
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import mkcases  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mergekit_parity.json"
 
 
-def make_models(root: Path, n_ft: int = 3) -> dict[str, str]:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                     intermediate_size=128, max_position_embeddings=64, num_labels=2)
-    base = BertForSequenceClassification(cfg)
-    base.save_pretrained(root / "base")
-    out = {"base": str(root / "base")}
-    sd = base.state_dict()
-    for i in range(n_ft):
-        g = torch.Generator().manual_seed(100 + i)
-        m = BertForSequenceClassification(cfg)
-        m.load_state_dict({k: v + 0.02 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
-                           for k, v in sd.items()})
-        m.save_pretrained(root / f"ft{i}")
-        out[f"ft{i}"] = str(root / f"ft{i}")
-    return out
-
-
-def configs(m: dict[str, str]) -> dict[str, dict]:
-    b, a, c, d = m["base"], m["ft0"], m["ft1"], m["ft2"]
-    two = lambda **p: [{"model": a, "parameters": dict(p, weight=0.6)}, {"model": c, "parameters": dict(p, weight=0.4)}]  # noqa: E731
-    return {
-        "linear": {"models": [{"model": a, "parameters": {"weight": 1.0}}, {"model": c, "parameters": {"weight": 0.3}},
-                              {"model": d, "parameters": {"weight": 0.5}}], "merge_method": "linear"},
-        "task_arithmetic": {"models": two(), "merge_method": "task_arithmetic", "base_model": b,
-                            "parameters": {"lambda": 0.8}},
-        "ties": {"models": two(density=0.5), "merge_method": "ties", "base_model": b,
-                 "parameters": {"normalize": True, "int8_mask": True}},
-        "ties_normalize_false": {"models": two(density=0.5), "merge_method": "ties", "base_model": b,
-                                 "parameters": {"normalize": False}},
-        "ties_gradients": {"models": [{"model": a, "parameters": {"density": [1, 0.7, 0.1], "weight": 1.0}},
-                                      {"model": c, "parameters": {"density": 0.5, "weight": [0, 0.3, 0.7, 1]}},
-                                      {"model": d, "parameters": {"density": 0.33, "weight": [
-                                          {"filter": "intermediate", "value": 0.5}, {"value": 0}]}}],
-                           "merge_method": "ties", "base_model": b, "parameters": {"normalize": True}},
-        "breadcrumbs": {"models": two(density=0.8, gamma=0.05), "merge_method": "breadcrumbs", "base_model": b},
-        "slerp": {"models": [{"model": a}, {"model": c}], "merge_method": "slerp", "base_model": a,
-                  "parameters": {"t": 0.3}},
-        "slerp_gradient": {"models": [{"model": a}, {"model": c}], "merge_method": "slerp", "base_model": a,
-                           "parameters": {"t": [{"filter": "attention", "value": [0, 0.5, 1]}, {"value": 0.5}]}},
-        "model_stock": {"models": [{"model": a}, {"model": c}, {"model": d}], "merge_method": "model_stock",
-                        "base_model": b},
-        "dare_ties (random masks)": {"models": two(density=0.7), "merge_method": "dare_ties", "base_model": b},
-    }
-
-
-def load(d: Path) -> dict:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
-def compare(a: dict, b: dict) -> dict:
-    common = sorted(set(a) & set(b))
-    worst, worst_name, equal, total = 0.0, None, 0, 0
-    for k in common:
-        x, y = a[k].double(), b[k].double()
-        if x.shape != y.shape or not x.is_floating_point():
-            continue
-        scale = max(x.abs().max().item(), 1e-12) if x.numel() else 1.0
-        rel = (x - y).abs().max().item() / scale if x.numel() else 0.0
-        if rel > worst:
-            worst, worst_name = rel, k
-        equal += int((a[k] == b[k]).sum())
-        total += x.numel()
-    return {"tensors_compared": len(common), "only_mergekit": sorted(set(a) - set(b)),
-            "only_weightops": sorted(set(b) - set(a)), "max_rel_diff": worst, "worst_tensor": worst_name,
-            "bit_identical_fraction": equal / total if total else None}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mergekit-python", default=os.environ.get("MERGEKIT_PYTHON", "/tmp/mkvenv/bin/python"))
+    ap.add_argument("--only", default=None, help="comma-separated case names")
+    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
-    mk_yaml = Path(args.mergekit_python).parent / "mergekit-yaml"
-    if not mk_yaml.exists():
-        raise SystemExit(f"no mergekit-yaml next to {args.mergekit_python}; see this script's docstring")
+    import importlib.metadata as md
+
+    import yaml
+
+    from weightops.mergekit_compat import mergekit_merge
+
     root = Path(tempfile.mkdtemp(prefix="mk-parity-"))
-    models = make_models(root)
-    version = subprocess.run([args.mergekit_python, "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
-                             capture_output=True, text=True).stdout.strip()
+    models = mkcases.make_models(root / "models")
     rows = {}
-    for name, cfg in configs(models).items():
-        cfg = dict(cfg, dtype="float32")
-        slug = name.split()[0]
-        path = root / f"{slug}.yml"
-        path.write_text(yaml.safe_dump(cfg))
+    todo = mkcases.cases(models)
+    if args.only:
+        todo = {k: v for k, v in todo.items() if k in args.only.split(",")}
+    for name, (cfg, expect) in todo.items():
+        (root / f"{name}.yml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         t = time.perf_counter()
-        r = subprocess.run([str(mk_yaml), str(path), str(root / f"{slug}-mk"), "--quiet", "--random-seed", "0"],
-                           capture_output=True, text=True)
+        try:
+            mkcases.run_mergekit(cfg, root / f"{name}-mk")
+        except Exception as e:  # noqa: BLE001  (report mergekit's own failures)
+            rows[name] = {"expect": expect, "mergekit_error": f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            print(f"{name:<26} mergekit failed: {rows[name]['mergekit_error']}", flush=True)
+            continue
         t_mk = time.perf_counter() - t
-        if r.returncode != 0:
-            rows[name] = {"mergekit_error": (r.stderr.strip().splitlines() or ["?"])[-1]}
-            print(f"{name}: mergekit failed: {rows[name]['mergekit_error']}")
-            continue
         t = time.perf_counter()
-        w = subprocess.run([sys.executable, "-m", "weightops", "run", str(path), "--set", f"out={root / (slug + '-wo')}",
-                            "--quiet"], capture_output=True, text=True)
-        t_wo = time.perf_counter() - t
-        if w.returncode != 0:
-            rows[name] = {"weightops_error": w.stderr.strip().splitlines()[-1]}
-            print(f"{name}: weightops failed: {rows[name]['weightops_error']}")
+        try:
+            res = mergekit_merge(root / f"{name}.yml", root / f"{name}-wo", quiet=True)
+        except Exception as e:  # noqa: BLE001
+            rows[name] = {"expect": expect, "weightops_error": f"{e.__class__.__name__}: {e}"}
+            print(f"{name:<26} weightops failed: {rows[name]['weightops_error']}", flush=True)
             continue
-        rows[name] = {**compare(load(root / f"{slug}-mk"), load(root / f"{slug}-wo")),
-                      "seconds_mergekit": round(t_mk, 2), "seconds_weightops": round(t_wo, 2)}
-        r_ = rows[name]
-        print(f"{name:<26} max rel diff {r_['max_rel_diff']:.3g}  bit-identical {r_['bit_identical_fraction']:.4f}  "
-              f"({r_['tensors_compared']} tensors; worst {r_['worst_tensor']})", flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"command": "python benchmarks/mergekit_parity.py", "mergekit_version": version,
-                                   "models": "BertForSequenceClassification hidden 64, 4 layers; fp32",
-                                   "results": rows}, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+        t_wo = time.perf_counter() - t
+        r = mkcases.compare(mkcases.load(root / f"{name}-mk"), mkcases.load(root / f"{name}-wo"))
+        r.update(expect=expect, ok=mkcases.ok(expect, r), seconds_mergekit=round(t_mk, 2),
+                 seconds_weightops=round(t_wo, 2), notes=res.manifest["mergekit"]["notes"])
+        rows[name] = r
+        print(f"{name:<26} {expect:<6} {'ok ' if r['ok'] else 'BAD'} max rel diff {r.get('max_rel_diff', float('nan')):.3g}  "
+              f"differing {r.get('elements_differing')}/{r.get('elements')}  (worst {r.get('worst_tensor')})", flush=True)
+    doc = {"command": "python benchmarks/mergekit_parity.py", "mergekit_version": md.version("mergekit"),
+           "models": "tests/mkcases.py: Llama-shaped, hidden 40, 6 layers, bf16 inputs, fp32 compute",
+           "results": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

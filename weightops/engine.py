@@ -14,6 +14,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime as _dt
 import json
 import math
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from weightops import __version__, ops
+from weightops import __version__, card, hub, ops
 from weightops.errors import AlignmentError, NumericError, WeightopsError
 from weightops.io.checkpoint import Checkpoint, is_adapter_dir, open_source
 from weightops.io.safetensors_file import FLOAT_DTYPES
@@ -179,9 +181,27 @@ class _Numerics:
         return out
 
 
+_NESTED = contextvars.ContextVar("weightops_nested_progress", default=None)
+
+
+@contextlib.contextmanager
+def nested_progress(label: str | None):
+    """Inside this block a quiet run_streaming still shows its byte counter and rate, labelled, under the
+    caller's own bar (a recipe step); label None: stay quiet."""
+    tok = _NESTED.set(label)
+    try:
+        yield
+    finally:
+        _NESTED.reset(tok)
+
+
 def _progress(total: int, quiet: bool, desc: str):
     from tqdm.auto import tqdm
 
+    nested = _NESTED.get()
+    if quiet and nested is not None:
+        return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"{nested} {desc}", leave=False,
+                    delay=1.0, dynamic_ncols=True, file=sys.stderr, position=1)
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=quiet,
                 delay=1.0, dynamic_ncols=True, file=sys.stderr)
 
@@ -190,8 +210,11 @@ def merge(models: Sequence[str | os.PathLike], *, out: str | os.PathLike, base: 
           method: str = "linear", weights: Sequence[float] | None = None, lam: float | None = None,
           density: float | None = None, gamma: float | None = None, drop_rate: float | None = None,
           rescale: str | None = None, q: float | Sequence[float] | None = None, trim_scope: str | None = None,
-          t: float | None = None, normalize: bool | None = None, seed: int = 0,
-          dtype: str | None = None, shard_size: str | int = "5GB", block_size: int | None = None, threads: int | None = None,
+          t: float | None = None, normalize: bool | None = None, epsilon: float | Sequence[float] | None = None,
+          select_topk: float | None = None, nuslerp_flatten: bool | None = None, nuslerp_row_wise: bool | None = None,
+          max_iter: int | None = None, tol: float | None = None, filter_wise: bool | None = None,
+          eps: float | None = None, r: float | None = None, alpha: float | None = None, scale: float | None = None,
+          seed: int = 0, dtype: str | None = None, shard_size: str | int = "5GB", block_size: int | None = None, threads: int | None = None,
           kernels: str = "auto", allow_missing: bool = False, allow_dtype_mix: bool = False,
           exclude: str | None = None, clamp: bool = False, strict: bool = False, force: bool = False,
           quiet: bool = False, command: list[str] | None = None) -> MergeResult:
@@ -205,7 +228,10 @@ def merge(models: Sequence[str | os.PathLike], *, out: str | os.PathLike, base: 
     if m.needs_base and base is None:
         raise WeightopsError(f"method {m.name} needs --base (the model the others were fine-tuned from)")
     params = m.resolve(MergeParams(weights=weights, lam=lam, density=density, gamma=gamma, drop_rate=drop_rate,
-                                   rescale=rescale, q=q, trim_scope=trim_scope, t=t, normalize=normalize, seed=seed), n)
+                                   rescale=rescale, q=q, trim_scope=trim_scope, t=t, normalize=normalize, epsilon=epsilon,
+                                   select_topk=select_topk, nuslerp_flatten=nuslerp_flatten,
+                                   nuslerp_row_wise=nuslerp_row_wise, max_iter=max_iter, tol=tol, filter_wise=filter_wise,
+                                   eps=eps, r=r, alpha=alpha, scale=scale, seed=seed), n)
     base_src = Checkpoint(base) if base is not None else None
     if base_src is None and any(is_adapter_dir(x) for x in models):
         raise WeightopsError("LoRA adapters among the models need --base (the model they were trained on)")
@@ -316,10 +342,7 @@ def run_streaming(method: Method, params, base_src, sources: list, *, out, dtype
             "block_size": block_size,
             "threads": torch.get_num_threads(),
             "kernels": ops.kernels_in_use(),
-            "inputs": ([{"role": "base", "path": str(base_src.path), "kind": base_src.kind, "files": base_src.file_hashes()}]
-                       if base_src is not None else [])
-                      + [{"role": "model", "index": i + 1, "path": str(s.path), "kind": s.kind, "files": s.file_hashes()}
-                         for i, s in enumerate(sources)],
+            "inputs": _inputs_manifest(base_src, sources),
             "outputs": {
                 "shards": [writer.shard_name(i) for i in range(writer.n_shards)],
                 "total_bytes": writer.total_bytes,
@@ -332,10 +355,26 @@ def run_streaming(method: Method, params, base_src, sources: list, *, out, dtype
             "bytes_read": bytes_read,
         }
         writer.add_json("weightops.json", manifest)
+        if card.enabled():
+            writer.add_text("README.md", card.render(manifest, Path(out).name))
         writer.commit()
     for s in everything:
         s.close()
     return MergeResult(Path(out), time.perf_counter() - t0, bytes_read, writer.total_bytes, warnings, manifest)
+
+
+def _inputs_manifest(base_src, sources) -> list[dict]:
+    """Each input: role, path, kind, files (sha256), and the hub id/revision/commit it was resolved from.
+    A source may describe itself instead (`manifest_inputs`, e.g. the mergekit planner's routed inputs)."""
+    first = base_src if base_src is not None else (sources[0] if sources else None)
+    custom = getattr(first, "manifest_inputs", None)
+    if custom is not None:
+        return custom()
+
+    def one(s, **role):
+        return {**role, "path": str(s.path), "kind": s.kind, **hub.describe(s.path), "files": s.file_hashes()}
+    return ([one(base_src, role="base")] if base_src is not None else []) + \
+        [one(s, role="model", index=i + 1) for i, s in enumerate(sources)]
 
 
 def load_manifest(path) -> dict:

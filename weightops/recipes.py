@@ -160,7 +160,7 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(doc, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with a 'steps' list")
     if "merge_method" in doc:  # a mergekit config: one `mergekit` step (weightops.soup_steps), out from --set out=
-        doc = {"steps": [{"step": "mergekit", "config": doc, "out": "${out}"}]}
+        doc = {"steps": [{"step": "mergekit", "config": str(path), "out": "${out}"}]}
     unknown = [k for k in doc if k not in TOP_KEYS and not str(k).startswith("x-")]
     if unknown:
         raise RecipeError(f"{path}: unknown top-level key '{unknown[0]}' (keys: {', '.join(TOP_KEYS)}; "
@@ -346,8 +346,12 @@ def _summarize(step: StepDef, result) -> tuple[str | None, str]:
 
 
 def run_recipe(path, set_vars: dict | None = None, *, dry_run: bool = False, continue_on_error: bool | None = None,
-               quiet: bool = False) -> RecipeResult:
-    """Run every step of a recipe in order; raises RecipeError (with `.result`) if a step failed."""
+               quiet: bool = False, force: bool = False) -> RecipeResult:
+    """Run every step of a recipe in order; raises RecipeError (with `.result`) if a step failed.
+
+    force: every step that takes `force` replaces its existing output (as `--force` on its command)."""
+    from weightops.engine import nested_progress
+
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -369,9 +373,16 @@ def run_recipe(path, set_vars: dict | None = None, *, dry_run: bool = False, con
                 kwargs["quiet"] = True  # one display: the recipe's
             if "command" in params:
                 kwargs["command"] = ["weightops", "run", str(path), f"step {r.index}: {r.step} {r.label}"]
+            if force and "force" in params:
+                kwargs["force"] = True
             t1 = time.perf_counter()
+            notes = []
             try:
-                r.out, r.detail = _summarize(step, step.func(**kwargs))
+                # the step's own byte counter and rate show under the recipe's bar
+                with nested_progress(None if quiet else f"[{k + 1}/{len(runs)}] {r.step}"):
+                    res = step.func(**kwargs)
+                r.out, r.detail = _summarize(step, res)
+                notes = list(getattr(res, "warnings", None) or [])
                 r.status = "ok"
             except WeightopsError as e:
                 r.status, r.detail = "failed", str(e)
@@ -380,6 +391,8 @@ def run_recipe(path, set_vars: dict | None = None, *, dry_run: bool = False, con
             bar.update(1)
             if not quiet:
                 bar.write(f"[{k + 1}/{len(runs)}] {r.step} {r.label}: {r.status} ({r.seconds:.1f} s)")
+                for note in notes:
+                    bar.write(f"    note: {note}")
             if r.status == "failed" and not r.continue_on_error:
                 for rest in runs[k + 1:]:
                     rest.status = "not run"

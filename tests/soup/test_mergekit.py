@@ -187,22 +187,22 @@ def test_evaluate_setting_follows_mergekit():
 
 
 @pytest.mark.parametrize("mutate,match", [
-    (lambda c: c.update(merge_method="della"), "della.*not support"),
-    (lambda c: c.update(merge_method="sce"), "not support"),
-    (lambda c: c.update(base_model="meta-llama/Llama-2-7b-hf"), "not a local checkpoint"),
-    (lambda c: c.update(tokenizer_source="union"), "tokenizer_source"),
+    (lambda c: c.update(merge_method="frobnicate"), "frobnicate.*not a mergekit"),
+    (lambda c: c.update(base_model="nobody-here/Llama-2-7b-hf"), "not in the Hugging Face cache"),
     (lambda c: c["models"][0]["parameters"].update(epsilon=0.1), "epsilon"),
     (lambda c: c["models"][0]["parameters"].pop("weight"), "weight"),
-    (lambda c: c.update(slices=[{"sources": []}, {"sources": []}]) or c.pop("models"), "slices"),
+    (lambda c: c.update(slices=[{"sources": []}]) or c.pop("models"), "sources"),
     (lambda c: c["models"][1]["parameters"].update(density=0.9), "per-model density"),
 ])
-def test_unsupported_is_named(mutate, match, tiny_models, tmp_path):
+def test_unsupported_is_named(mutate, match, tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     t = tiny_models
     cfg = {"models": [{"model": str(t["ft0"]), "parameters": {"density": 0.5, "weight": 0.5}},
                       {"model": str(t["ft1"]), "parameters": {"density": 0.5, "weight": 0.5}}],
            "merge_method": "dare_ties", "base_model": str(t["base"])}
     mutate(cfg)
-    with pytest.raises(MergekitError, match=match):
+    with pytest.raises(WeightopsError, match=match):
         mergekit_merge(cfg, tmp_path / "m", quiet=True)
     assert not (tmp_path / "m").exists()
 

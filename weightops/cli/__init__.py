@@ -35,8 +35,15 @@ from weightops.cli import (  # noqa: E402,F401
 def main() -> None:
     from weightops.errors import WeightopsError
 
+    from weightops import card
+
+    # every model-writing command takes --no-card (no README.md model card); one spelling, read here once
+    no_card = "--no-card" in sys.argv[1:]
+    if no_card and sys.argv[1:2] not in (["merge"], ["run"]):  # those two declare it for their --help
+        sys.argv.remove("--no-card")
     try:
-        app()
+        with card.disabled(no_card):
+            app()
     except WeightopsError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)

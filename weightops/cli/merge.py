@@ -10,7 +10,8 @@ import typer
 from weightops.cli import app
 
 METHODS_HELP = ("linear (soup), task_arithmetic, ties, dare_linear (alias dare), dare_ties, breadcrumbs, "
-                "slerp (2 models), model_stock")
+                "slerp (2 models), model_stock; mergekit's breadcrumbs_ties, della, della_linear, sce, nuslerp, "
+                "multislerp, karcher, nearswap, arcee_fusion, ram, ramplus_tl, passthrough (docs/merging.md)")
 
 
 def _floats(text: Optional[str], what: str) -> Optional[list[float]]:
@@ -42,7 +43,19 @@ def merge(
     proxy_data: Optional[str] = typer.Option(None, help="--q auto: unlabelled inputs (text file, one per line, or zoo:<task>)."),
     metric: Optional[str] = typer.Option(None, help="--q auto: validation metric spec (module:function, cmd:..., zoo:<task>), higher is better."),
     t: Optional[float] = typer.Option(None, help="slerp: interpolation factor from the first model (0) to the second (1); default 0.5."),
-    normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize", help="linear: divide weights by their sum (default on)."),
+    normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize", help="linear, multislerp, della*, breadcrumbs_ties: divide by the (agreeing) weights' sum (mergekit's defaults)."),
+    epsilon: Optional[str] = typer.Option(None, help="della/della_linear: keep-probability spread around density (0.15; one or one per model); ram/ramplus_tl: |δ| threshold (1e-5)."),
+    select_topk: Optional[float] = typer.Option(None, help="sce: fraction of elements kept by delta variance across models (default 1: all)."),
+    nuslerp_flatten: Optional[bool] = typer.Option(None, "--nuslerp-flatten/--no-nuslerp-flatten", help="nuslerp: whole tensors (default) or per row/column."),
+    nuslerp_row_wise: Optional[bool] = typer.Option(None, "--nuslerp-row-wise/--no-nuslerp-row-wise", help="nuslerp without flatten: slerp columns (row-wise vectors along axis 0) instead of rows."),
+    max_iter: Optional[int] = typer.Option(None, help="karcher: iterations (default 10)."),
+    tol: Optional[float] = typer.Option(None, help="karcher: convergence tolerance (default 1e-5)."),
+    filter_wise: Optional[bool] = typer.Option(None, "--filter-wise/--no-filter-wise", help="model_stock: one t per row (default off)."),
+    eps: Optional[float] = typer.Option(None, help="multislerp: added to norms (default 1e-8)."),
+    r: Optional[float] = typer.Option(None, "--r", help="ramplus_tl: boost strength r (default 0.1)."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="ramplus_tl: cap α of the overlap ratio (default 0.2)."),
+    scale: Optional[float] = typer.Option(None, help="passthrough: multiply the model's tensors."),
+    no_card: bool = typer.Option(False, "--no-card", help="Write no README.md model card."),
     seed: int = typer.Option(0, help="Seed of the DARE masks (mask = f(seed, model index, tensor name, element index))."),
     dtype: Optional[str] = typer.Option(None, help="Output dtype: auto (the base's), float32, bfloat16, float16."),
     shard_size: str = typer.Option("5GB", help="Maximum shard size of the output (e.g. 5GB, 500MB)."),
@@ -61,16 +74,22 @@ def merge(
 
     Example: weightops merge a b --base base --method dare --drop-rate 0.9 --out merged
     """
+    from weightops import card
     from weightops.engine import merge as run_merge
 
-    res = run_merge(
+    eps_vals = _floats(epsilon, "--epsilon")
+    extra = dict(epsilon=(eps_vals[0] if eps_vals and len(eps_vals) == 1 else eps_vals), select_topk=select_topk,
+                 nuslerp_flatten=nuslerp_flatten, nuslerp_row_wise=nuslerp_row_wise, max_iter=max_iter, tol=tol,
+                 filter_wise=filter_wise, eps=eps, r=r, alpha=alpha, scale=scale)
+    with card.disabled(no_card):
+        res = run_merge(
         models, out=out, base=base, method=method, weights=_floats(weights, "--weights"), lam=lam, density=density,
         gamma=gamma, drop_rate=drop_rate, rescale=rescale,
         q=_darex_q(q, q_by, proxy_data, metric, models, base, drop_rate, rescale, seed, quiet), trim_scope=trim_scope, t=t, normalize=normalize,
         seed=seed, dtype=dtype, shard_size=shard_size, block_size=block_size, threads=threads, kernels=kernels,
         allow_missing=allow_missing, allow_dtype_mix=allow_dtype_mix, exclude=exclude, clamp=clamp, strict=strict,
-        force=force, quiet=quiet, command=["weightops"] + sys.argv[1:],
-    )
+        force=force, quiet=quiet, command=["weightops"] + sys.argv[1:], **extra,
+        )
     for w in res.warnings:
         typer.echo(f"warning: {w}", err=True)
     if not quiet:

@@ -11,7 +11,11 @@ from weightops.cli import app
 
 @app.command("run")
 def run(
-    recipe: Optional[str] = typer.Argument(None, help="A recipe YAML file."),
+    recipe: Optional[str] = typer.Argument(None, help="A recipe YAML file, or a mergekit config (a file with merge_method)."),
+    out: Optional[str] = typer.Argument(None, help="Output directory: sets the variable `out` (a mergekit config's output, "
+                                                  "as in `mergekit-yaml CONFIG OUT`)."),
+    force: bool = typer.Option(False, help="Replace outputs that exist (every step that writes one; only once the new one is complete)."),
+    no_card: bool = typer.Option(False, "--no-card", help="Write no README.md model card next to output models."),
     set_vars: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe variable: name=value (repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Expand and validate every step, print the plan, run nothing."),
     continue_on_error: Optional[bool] = typer.Option(None, "--continue-on-error/--stop-on-error",
@@ -23,8 +27,10 @@ def run(
 ):
     """Run a recipe: merges, patch create/check/apply and other registered steps, in order, with one summary.
 
-    Example: weightops run examples/recipes/port_patch.yaml --set out=runs/port
+    Examples: weightops run examples/recipes/port_patch.yaml --set out=runs/port
+              weightops run mergekit.yml ./merged --force      (like mergekit-yaml mergekit.yml ./merged)
     """
+    from weightops import card
     from weightops.recipes import RecipeError, load_steps, parse_set, run_recipe
 
     if list_steps:
@@ -33,8 +39,15 @@ def run(
         return
     if recipe is None:
         raise typer.BadParameter("give a recipe file (or --list-steps)")
+    values = parse_set(set_vars)
+    if out is not None:
+        if "out" in values and values["out"] != out:
+            raise typer.BadParameter(f"OUT ({out}) and --set out={values['out']} disagree; give one")
+        values["out"] = out
     try:
-        result = run_recipe(recipe, parse_set(set_vars), dry_run=dry_run, continue_on_error=continue_on_error, quiet=quiet)
+        with card.disabled(no_card):
+            result = run_recipe(recipe, values, dry_run=dry_run, continue_on_error=continue_on_error, quiet=quiet,
+                                force=force)
     except RecipeError as e:
         if e.result is not None:
             _show(e.result, quiet, as_json, report)

@@ -68,7 +68,9 @@ class LoraAdapter:
     kind = "lora"
 
     def __init__(self, path, base: Checkpoint):
-        self.path = Path(path)
+        from weightops.io.checkpoint import _local
+
+        self.path = _local(path)
         self.base = base
         try:
             self.config = json.loads((self.path / ADAPTER_CONFIG).read_text())

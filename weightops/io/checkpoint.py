@@ -54,7 +54,7 @@ class Checkpoint:
     kind = "checkpoint"
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = _local(path)
         self.files = [SafetensorsFile(f) for f in self._resolve_files()]
         self.infos: dict[str, TensorInfo] = {}
         for f in self.files:
@@ -146,13 +146,24 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, {len(self.infos)} tensors)"
 
 
+def _local(path) -> Path:
+    """The path itself, or for a hub id `org/name[@revision]` its snapshot in the HF cache (weightops.hub)."""
+    from weightops import hub
+
+    return hub.resolve(path) if hub.looks_like_hub_id(path) else Path(path)
+
+
 def is_adapter_dir(path: str | os.PathLike) -> bool:
-    p = Path(path)
+    try:
+        p = _local(path)
+    except CheckpointError:  # an unresolvable hub id: whoever opens it reports why
+        return False
     return p.is_dir() and (p / ADAPTER_CONFIG).is_file()
 
 
 def open_source(path: str | os.PathLike, base: Checkpoint | None = None):
-    """A checkpoint, or a LoRA adapter applied on `base`."""
+    """A checkpoint, or a LoRA adapter applied on `base` (either may be a hub id)."""
+    path = _local(path)
     if is_adapter_dir(path):
         from weightops.io.adapter import LoraAdapter
 

@@ -174,6 +174,13 @@ class CheckpointWriter:
             self.abort()
             raise _disk_error(err, self.out_dir) from None
 
+    def add_text(self, name: str, text: str) -> None:
+        try:
+            (self.tmp / name).write_text(text)
+        except OSError as err:
+            self.abort()
+            raise _disk_error(err, self.out_dir) from None
+
     def add_json(self, name: str, obj) -> None:
         try:
             (self.tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")

@@ -32,6 +32,18 @@ class MergeParams:
     trim_scope: str | None = None  # ties: global | tensor
     t: float | None = None  # slerp interpolation factor
     normalize: bool | None = None  # linear: divide weights by their sum
+    # mergekit's methods (names and defaults as mergekit 0.1.5; see weightops.mergekit_compat.PARAMETER_MAP)
+    epsilon: float | list[float] | None = None  # della: keep-probability spread; ram: |δ| threshold
+    select_topk: float | None = None  # sce: fraction of elements kept by delta variance
+    nuslerp_row_wise: bool | None = None  # nuslerp: slerp each column (True) / row (False) unless flattened
+    nuslerp_flatten: bool | None = None  # nuslerp: slerp whole tensors (default)
+    max_iter: int | None = None  # karcher: iterations
+    tol: float | None = None  # karcher: convergence tolerance
+    filter_wise: bool | None = None  # model_stock: one t per row instead of per tensor
+    eps: float | None = None  # multislerp: added to norms
+    r: float | None = None  # ramplus_tl: strength of the unique-delta boost
+    alpha: float | None = None  # ramplus_tl: cap of the overlap ratio
+    scale: float | list[float] | None = None  # passthrough: multiply the tensor
     seed: int = 0
 
     def as_dict(self) -> dict[str, Any]:

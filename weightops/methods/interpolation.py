@@ -84,23 +84,39 @@ class ModelStock(Method):
     summary = "t·mean(θi) + (1−t)·θ0 with t = N·cos/(1+(N−1)·cos) from the deltas' mean pairwise cosine"
     reference_url = "https://arxiv.org/abs/2403.19522"
     min_models = 2
-    uses = ()
+    uses = ("filter_wise",)
+    defaults = {"filter_wise": False}
+
+    @staticmethod
+    def _t(g: torch.Tensor) -> torch.Tensor:
+        """t per vector from [V, n, n] delta Gram matrices, as mergekit computes it (norm products clamped
+        at 1e-6, cosines clamped to [-1, 1]; t = 0 where 1 + (N−1)·cos is within 1e-6 of 0)."""
+        n = g.shape[1]
+        norms = g.diagonal(dim1=1, dim2=2).clamp(min=0).sqrt()
+        cos = [(g[:, i, j] / (norms[:, i] * norms[:, j]).clamp(min=1e-6)).clamp(-1, 1)
+               for i in range(n) for j in range(i + 1, n)]
+        c = torch.stack(cos).mean(dim=0)
+        den = 1 + (n - 1) * c
+        singular = den.abs() < 1e-6
+        return torch.where(singular, torch.zeros_like(c), n * c / torch.where(singular, torch.ones_like(den), den))
 
     def prepare(self, job, p, model_state):
-        g = _dots(job, with_base=True)
+        from weightops.methods.spherical import FLAT, ROWS, grams
+
         n = len(job.models)
-        norms = g.diagonal().sqrt()
-        cosines = []
-        for i in range(n):
-            for j in range(i + 1, n):
-                denom = (norms[i] * norms[j]).item()
-                cosines.append(g[i, j].item() / denom if denom > 0 else 0.0)
-        cos = sum(cosines) / len(cosines)
-        t = n * cos / (1 + (n - 1) * cos) if 1 + (n - 1) * cos != 0 else 0.0
-        return [1 - t] + [t / n] * n
+        if not p.filter_wise:
+            t = self._t(_dots(job, with_base=True).unsqueeze(0))[0].item()
+            return [1 - t] + [t / n] * n
+        t = self._t(grams(job, ROWS, True))
+        return ROWS if len(job.shape) >= 2 else FLAT, (t / n).unsqueeze(1).expand(-1, n), 1 - t
 
     def merge_block(self, job, p, state, start, base, models):
-        return ops.weighted_sum([base] + models, state, out_dtype=torch.float32)
+        if isinstance(state, list):
+            return ops.weighted_sum([base] + models, state, out_dtype=torch.float32)
+        from weightops.methods.spherical import combine, vector_ids
+
+        mode, coef, base_coef = state
+        return combine(coef, vector_ids(job.shape, mode, start, start + base.numel()), base, models, base_coef)
 
 
 register(Linear())
