@@ -434,6 +434,9 @@ def plan_tokenizer(cfg: dict, models, base_key: str | None, keys: list[str], not
     plan = TokenizerPlan(out, perms, vocabs, s, base_key, notes)
     notes.append(f"tokenizer: {how}, {plan.n_tokens} tokens" + (f", {plan.size} rows (pad_to_multiple_of "
                                                                  f"{s.pad_to_multiple_of})" if plan.size != plan.n_tokens else ""))
+    if limits[donor] is not None and plan.size < limits[donor]:
+        notes.append(f"tokenizer: {plan.size} rows where {donor} has {limits[donor]} (its vocab_size counts rows its "
+                     "tokenizer does not use; as mergekit, the output has one row per token)")
     nowhere = np.all(np.stack(list(perms.values())) < 0, axis=0)
     missing = [t for j in np.nonzero(nowhere)[0].tolist() if (t := plan.tokens[j]) not in s.tokens]
     if missing:

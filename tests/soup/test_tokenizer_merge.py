@@ -5,6 +5,7 @@ embedding and lm_head row comes from the source docs/merging.md names; mergekit 
 configs, compared token by token."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -57,7 +58,7 @@ def test_union_rows_come_from_the_documented_source(tm, tmp_path):
                "<s>": {"source": tm["b"], "force": True},
                "<|new|>": {"source": {"kind": "zero"}},
                "<|alias|>": {"source": {"kind": "model_token", "model": tm["a"], "token_id": 5}}}}}
-    res = _merge(cfg, tmp_path / "o", block_size=1000)  # 1000 elements: blocks end mid-row (hidden 40 ... 25 rows)
+    res = _merge(cfg, tmp_path / "o", block_size=1001)  # blocks of 1001 elements end mid-row (rows of 40)
     out = res.out
     tok = AutoTokenizer.from_pretrained(str(out))
     model = AutoModelForCausalLM.from_pretrained(str(out))
@@ -223,6 +224,16 @@ def test_chat_template(tm, tmp_path):
            "merge_method": "task_arithmetic", "base_model": ms["base"], "tokenizer_source": "base", "chat_template": "auto"}
     out = _merge(cfg, tmp_path / "auto").out
     assert AutoTokenizer.from_pretrained(str(out)).chat_template == x
+    # the same config through the CLI (YAML only): the card lists the tokenizer notes
+    from typer.testing import CliRunner
+
+    from weightops.cli import app
+
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(dict(cfg, chat_template="mistral")))
+    r = CliRunner().invoke(app, ["run", str(tmp_path / "c.yml"), str(tmp_path / "cli")])
+    assert r.exit_code == 0, r.output
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "cli")).chat_template == CHAT_TEMPLATES["mistral"]
+    assert "chat_template: mistral" in (tmp_path / "cli" / "README.md").read_text()
     for bad in ("chatml2", "{{ x }}"):
         with pytest.raises(MergekitError, match="chat_template"):
             _merge(dict(cfg, chat_template=bad), tmp_path / "bad")
@@ -278,3 +289,28 @@ def test_same_size_different_tokenizers_are_noted(tm, tmp_path):
     assert any("give 1 token/id pair(s) differently" in n or "token/id pair(s) differently" in n for n in res.warnings), res.warnings
     res = _merge(dict(cfg, models=[{"model": tm["base"], "parameters": {"weight": 1.0}}]), tmp_path / "same")
     assert not any("differently" in n for n in res.warnings)
+
+
+def test_tokenizer_and_vocab_size_that_disagree(tm, tmp_path):
+    """A base tokenizer with tokens past vocab_size loses them (BPE, as mergekit's stripped tokenizer); one with
+    fewer tokens than rows gives one row per token (as mergekit), noted."""
+    big = tmp_path / "big"
+    shutil.copytree(tm["base"], big)
+    write_tokenizer(big, added=["<|x|>", "<|y|>"])  # 98 tokens, 96 rows
+    cfg = {"models": [{"model": tm["a"], "parameters": {"weight": 1.0}}], "merge_method": "task_arithmetic",
+           "base_model": str(big), "tokenizer_source": "base", "dtype": "float32", "out_dtype": "float32"}
+    out = _merge(cfg, tmp_path / "o").out
+    v = _vocab(out)
+    assert len(v) == 96 and "<|x|>" not in v and v == _vocab(tm["base"])
+    if importlib.util.find_spec("mergekit") is not None:  # a test dependency: compare with it where installed
+        mkcases.run_mergekit(cfg, tmp_path / "mk")
+        mk, info = mkcases.align_by_token(tmp_path / "mk", out, mkcases.load(tmp_path / "mk"))
+        r = mkcases.compare(mk, mkcases.load(out))
+        r.update(info)
+        assert mkcases.ok("exact", r), r
+    small = tmp_path / "small"
+    shutil.copytree(tm["base"], small)
+    write_tokenizer(small, size=94)  # 94 tokens, 96 rows
+    res = _merge(dict(cfg, base_model=str(small)), tmp_path / "s")
+    assert _load(res.out)["lm_head.weight"].shape == (94, 40) and any("94 rows where" in n for n in res.warnings)
+    assert json.loads((res.out / "config.json").read_text())["vocab_size"] == 94
