@@ -49,8 +49,10 @@ def _merge(cfg, out, **kw):
     return mergekit_merge(dict(cfg, dtype="float32", out_dtype="float32"), out, quiet=True, **kw)
 
 
-def test_union_rows_come_from_the_documented_source(tm, tmp_path):
+def test_union_rows_come_from_the_documented_source(tm, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from weightops.io.checkpoint import Checkpoint
 
     cfg = {"models": [{"model": tm["a"], "parameters": {"weight": 0.6}}, {"model": tm["b"], "parameters": {"weight": 0.4}}],
            "merge_method": "task_arithmetic", "base_model": tm["base"],
@@ -96,8 +98,18 @@ def test_union_rows_come_from_the_documented_source(tm, tmp_path):
     k = "model.layers.1.mlp.up_proj.weight"
     torch.testing.assert_close(got[k], Z[k] + 0.6 * (A[k] - Z[k]) + 0.4 * (B[k] - Z[k]), rtol=0, atol=1e-7)
     assert any("union" in n for n in res.warnings) and any("vocab_size set to 101" in n for n in res.warnings)
-    # row blocks never change a result
-    again = _load(_merge(cfg, tmp_path / "o2", block_size=7).out)
+    # row blocks never change a result, and a block of rows is all that is read at once
+    reads, read = [], Checkpoint.read
+
+    def spy(self, name, start, stop):
+        if name in VOCAB:
+            reads.append(stop - start)
+        return read(self, name, start, stop)
+    monkeypatch.setattr(Checkpoint, "read", spy)
+    out2 = _merge(cfg, tmp_path / "o2", block_size=7).out
+    monkeypatch.undo()
+    assert reads and max(reads) <= 2 * 40  # 7 elements span at most 2 rows of 40
+    again = _load(out2)
     assert all(torch.equal(again[n], got[n]) for n in VOCAB)
 
 
