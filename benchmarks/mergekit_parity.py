@@ -11,6 +11,12 @@ computes in fp32 (`dtype: float32`). For each case: mergekit's `run_merge` and w
 and how many elements differ), and each case's expectation (mkcases.py: exact, fp32, count,
 random) says which differences are by a documented rule. Seconds are wall time on the shared
 2-core machine (under load: other agents run there), mergekit's including its planning.
+
+Tokenizer cases (mkcases.token_cases: tokenizer_source union / base / a model, `tokens:` with force,
+zero and model_token sources, pad_to_multiple_of, chat_template; Llama-shaped models whose tokenizers
+differ in added tokens, one set with tied embeddings) are compared token by token: mergekit numbers a
+union's new tokens in Python set order, so its vocabulary rows are first reordered into weightops' ids;
+the two tokenizers must hold the same tokens, the same added tokens and render the same chat template.
 """
 from __future__ import annotations
 
@@ -44,10 +50,15 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="mk-parity-"))
     models = mkcases.make_models(root / "models")
     rows = {}
-    todo = mkcases.cases(models)
+    todo = {k: (cfg, expect, False) for k, (cfg, expect) in mkcases.cases(models).items()}
+    tok_models = mkcases.make_token_models(root / "tok-models")
+    todo.update({k: (cfg, expect, True) for k, (cfg, expect) in mkcases.token_cases(tok_models).items()})
+    tied = mkcases.make_token_models(root / "tok-tied", tied=True)
+    todo.update({k + "_tied": (cfg, expect, True) for k, (cfg, expect) in mkcases.token_cases(tied).items()
+                 if k == "union_task_arithmetic"})
     if args.only:
         todo = {k: v for k, v in todo.items() if k in args.only.split(",")}
-    for name, (cfg, expect) in todo.items():
+    for name, (cfg, expect, by_token) in todo.items():
         (root / f"{name}.yml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         t = time.perf_counter()
         try:
@@ -65,14 +76,19 @@ def main() -> None:
             print(f"{name:<26} weightops failed: {rows[name]['weightops_error']}", flush=True)
             continue
         t_wo = time.perf_counter() - t
-        r = mkcases.compare(mkcases.load(root / f"{name}-mk"), mkcases.load(root / f"{name}-wo"))
+        mk, info = mkcases.load(root / f"{name}-mk"), {}
+        if by_token:
+            mk, info = mkcases.align_by_token(root / f"{name}-mk", root / f"{name}-wo", mk)
+        r = mkcases.compare(mk, mkcases.load(root / f"{name}-wo"))
+        r.update(info)
         r.update(expect=expect, ok=mkcases.ok(expect, r), seconds_mergekit=round(t_mk, 2),
                  seconds_weightops=round(t_wo, 2), notes=res.manifest["mergekit"]["notes"])
         rows[name] = r
         print(f"{name:<26} {expect:<6} {'ok ' if r['ok'] else 'BAD'} max rel diff {r.get('max_rel_diff', float('nan')):.3g}  "
               f"differing {r.get('elements_differing')}/{r.get('elements')}  (worst {r.get('worst_tensor')})", flush=True)
     doc = {"command": "python benchmarks/mergekit_parity.py", "mergekit_version": md.version("mergekit"),
-           "models": "tests/mkcases.py: Llama-shaped, hidden 40, 6 layers, bf16 inputs, fp32 compute",
+           "models": "tests/mkcases.py: Llama-shaped, hidden 40, 6 layers, bf16 inputs, fp32 compute; tokenizer cases: "
+                     "make_token_models (3 layers, 96/98-token BPE tokenizers differing in added tokens)",
            "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")

@@ -93,3 +93,35 @@ def write_model(path: Path, sd: dict, shards: int = 1, config: dict | None = Non
         weight_map.update({k: fn for k in part})
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return path
+
+
+def write_tokenizer(path: Path, added=(), special=(), size: int = 96) -> int:
+    """A small BPE tokenizer (tokenizer.json + tokenizer_config.json, built offline with `tokenizers`) whose
+    first `size` ids match TINY_LLAMA's vocabulary: <unk> <s> </s>, characters, then merged pairs; `added`
+    (ordinary) and `special` added tokens follow, in that order. Returns the vocabulary size."""
+    import string
+
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials + list(string.ascii_letters + string.digits + ".,!?'"))}
+    merges = []
+    for p in ("th", "he", "in", "er", "an", "re", "on", "at", "en", "nd", "ti", "es", "or", "te", "of", "ed",
+              "is", "it", "al", "ar", "st", "to", "nt", "ng", "se", "ha", "as", "ou", "io", "le"):
+        if len(vocab) >= size:
+            break
+        vocab[p] = len(vocab)
+        merges.append((p[0], p[1]))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    if added:
+        tok.add_tokens(list(added))
+    if special:
+        tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "model_max_length": 64}))
+    return tok.get_vocab_size()

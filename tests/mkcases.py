@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import TINY_LLAMA, make_llama_state, write_model
+from checkpoints import TINY_LLAMA, make_llama_state, write_model, write_tokenizer
 
 LLAMA6 = dict(TINY_LLAMA, num_hidden_layers=6)
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
 def make_models(root: Path) -> dict[str, str]:
@@ -116,6 +117,87 @@ def cases(m: dict[str, str]) -> dict[str, tuple[dict, str]]:
     return out
 
 
+def _grow(sd: dict, n: int, seed: int) -> dict:
+    """`sd` with n more vocabulary rows (new tokens' embeddings, ~N(0, 0.02) in bf16)."""
+    g = torch.Generator().manual_seed(seed)
+    out = dict(sd)
+    for k in VOCAB_TENSORS:
+        if k in sd:
+            out[k] = torch.cat([sd[k], (0.02 * torch.randn(n, sd[k].shape[1], generator=g)).to(sd[k].dtype)])
+    return out
+
+
+def make_token_models(root: Path, tied: bool = False) -> dict[str, str]:
+    """A base and two fine-tunes whose tokenizers differ in added tokens (tests/checkpoints.py write_tokenizer):
+    base: 96 tokens; a: + <|a1|> (96), <|shared|> (97); b: + <|shared|> (96), special <|b1|> (97). So
+    <|shared|> is in a and b at different ids, <|a1|> only in a, <|b1|> only in b. `tied`: no lm_head."""
+    cfg = dict(TINY_LLAMA, tie_word_embeddings=tied)
+    base = make_llama_state(0, cfg=cfg)
+    out = {"base": write_model(root / "base", base, config=cfg)}
+    write_tokenizer(out["base"])
+    for name, seed, added, special in (("a", 101, ["<|a1|>", "<|shared|>"], []), ("b", 102, ["<|shared|>"], ["<|b1|>"])):
+        sd = _grow(make_llama_state(seed, base=base, delta=3e-4, cfg=cfg), 2, seed + 10)
+        out[name] = write_model(root / name, sd, config=dict(cfg, vocab_size=98))
+        write_tokenizer(out[name], added=added, special=special)
+    return {k: str(v) for k, v in out.items()}
+
+
+def token_cases(m: dict[str, str]) -> dict[str, tuple[dict, str]]:
+    """Tokenizer configs on make_token_models' models: name -> (config, expectation); compared by token."""
+    b, a, c = m["base"], m["a"], m["b"]
+    out = {
+        "union_task_arithmetic": ({"models": [{"model": a, "parameters": {"weight": 0.6}},
+                                              {"model": c, "parameters": {"weight": 0.4}}],
+                                   "merge_method": "task_arithmetic", "base_model": b, "tokenizer_source": "union"},
+                                  "exact"),
+        "union_tokens_pad_linear": ({"models": [{"model": a, "parameters": {"weight": 0.5}},
+                                                {"model": c, "parameters": {"weight": 0.5}}],
+                                     "merge_method": "linear",
+                                     "tokenizer": {"source": "union", "pad_to_multiple_of": 8, "tokens": {
+                                         "<s>": {"source": c, "force": True},
+                                         "<|new|>": {"source": {"kind": "zero"}},
+                                         "<|alias|>": {"source": {"kind": "model_token", "model": a, "token": "th"}}}}},
+                                    "fp32"),
+        "source_model_ties": ({"models": [{"model": a, "parameters": {"weight": 1.0, "density": 0.5}},
+                                          {"model": c, "parameters": {"weight": 1.0, "density": 0.5}}],
+                               "merge_method": "ties", "base_model": b, "tokenizer_source": c}, "count"),
+        "source_base_slerp": ({"models": [{"model": b}, {"model": a}], "merge_method": "slerp", "base_model": b,
+                               "parameters": {"t": 0.3}, "tokenizer_source": "base"}, "fp32"),
+        "union_chatml": ({"models": [{"model": a, "parameters": {"weight": 1.0}}], "merge_method": "task_arithmetic",
+                          "base_model": b, "tokenizer_source": "union", "chat_template": "chatml"}, "exact"),
+    }
+    for cfg, _ in out.values():
+        cfg["dtype"] = "float32"
+        cfg["out_dtype"] = "float32"
+    return out
+
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi "},
+                {"role": "assistant", "content": "Hello! "}, {"role": "user", "content": "Bye"}]
+
+
+def align_by_token(mk_dir: Path, wo_dir: Path, mk: dict) -> tuple[dict, dict]:
+    """mergekit's vocabulary rows reordered into weightops' token ids (mergekit orders a union's new tokens
+    by Python set and dict order), and whether the two tokenizers agree: the same tokens, the same added
+    tokens (special or not), the same chat template rendering."""
+    from transformers import AutoTokenizer
+
+    tm, tw = AutoTokenizer.from_pretrained(str(mk_dir)), AutoTokenizer.from_pretrained(str(wo_dir))
+    vm, vw = tm.get_vocab(), tw.get_vocab()
+    added = lambda t: {a.content: a.special for a in t.added_tokens_decoder.values()}  # noqa: E731
+    render = lambda t: t.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True) if t.chat_template else None  # noqa: E731
+    info = {"same_vocab": set(vm) == set(vw), "same_added_tokens": added(tm) == added(tw),
+            "same_chat_template": render(tm) == render(tw), "vocab_size": len(vw)}
+    if not info["same_vocab"]:
+        return mk, info
+    order = torch.tensor([vm[t] for t in sorted(vw, key=vw.get)])
+    out = dict(mk)
+    for k in VOCAB_TENSORS:
+        if k in mk:
+            out[k] = torch.cat([mk[k][order], mk[k][len(order):]])
+    return out, info
+
+
 def run_mergekit(cfg: dict, out: Path, seed: int = 0) -> None:
     """mergekit-yaml in this process (mergekit 0.1.5 is a test dependency)."""
     from mergekit.config import MergeConfiguration
@@ -155,6 +237,8 @@ def compare(mk: dict, wo: dict) -> dict:
 
 def ok(expect: str, r: dict) -> bool:
     if not r.get("same_names") or "shape_mismatch" in r:
+        return False
+    if not all(r.get(k, True) for k in ("same_vocab", "same_added_tokens", "same_chat_template")):
         return False
     if expect == "exact":
         return r["elements_differing"] == 0

@@ -34,6 +34,7 @@ from weightops.errors import AlignmentError, NumericError, WeightopsError
 from weightops.io.checkpoint import Checkpoint, is_adapter_dir, open_source
 from weightops.io.safetensors_file import FLOAT_DTYPES
 from weightops.io.writer import CheckpointWriter
+from weightops.layers import is_vocabulary
 from weightops.methods import MergeParams, get_method
 from weightops.methods.base import Method, TensorJob
 
@@ -97,7 +98,12 @@ def plan_tensors(template, models, *, out_dtype, allow_missing, allow_dtype_mix,
                 action, reason = "copy", "missing in a model"
                 continue
             if tuple(mi.shape) != tuple(info.shape):
-                shape_err.append(f"'{name}' is {list(mi.shape)} in model {i + 1} ({m.path}) but {list(info.shape)} in {template.path}")
+                hint = ""
+                if is_vocabulary(name) and not shape_err:
+                    hint = (" (the vocabularies differ: `weightops merge` aligns rows by id; a mergekit config with "
+                            "`tokenizer_source: union`, `base` or a model, run by `weightops run CONFIG OUT`, aligns them by "
+                            "token: docs/merging.md)")
+                shape_err.append(f"'{name}' is {list(mi.shape)} in model {i + 1} ({m.path}) but {list(info.shape)} in {template.path}{hint}")
             elif info.is_float and mi.dtype != info.dtype and not allow_dtype_mix:
                 dtype_err.append(f"'{name}' is {str(mi.dtype)[6:]} in model {i + 1} but {str(info.dtype)[6:]} in {template.path}")
             elif info.is_float != (mi.dtype in FLOAT_DTYPES):

@@ -9,6 +9,13 @@ before the layers: `model.embed_tokens`, `transformer.wte`), and *head* tensors
 otherwise (the final norm, `lm_head`, a classifier: they come after). A model's
 layer count is `num_hidden_layers` (or `n_layer`, `num_layers`) of its
 config.json, else one more than the largest index found.
+
+A tensor's rows are the *vocabulary* (one row per token: what `tokenizer_source` aligns)
+when it has no layer index and its name ends in `embed_tokens`, `word_embeddings`,
+`wte`, `embed_in`, `embed_out`, `lm_head` or `shared` followed by `.weight` or `.bias`
+(Llama/Mistral/Qwen `model.embed_tokens.weight` and `lm_head.weight`, BERT
+`embeddings.word_embeddings.weight`, GPT-2 `transformer.wte.weight`, GPT-NeoX
+`gpt_neox.embed_in.weight` and `embed_out.weight`, T5 `shared.weight`).
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ from pathlib import Path
 LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 EMBEDDING = re.compile(r"embed|(?:^|\.)wte\.|(?:^|\.)wpe\.")
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+VOCABULARY = re.compile(r"(?:^|\.)(?:embed_tokens|word_embeddings|wte|embed_in|embed_out|lm_head|shared)\.(?:weight|bias)$")
 
 
 def layer_of(name: str) -> int | None:
@@ -42,6 +50,11 @@ def suffix(name: str) -> str:
 
 def is_embedding(name: str) -> bool:
     return layer_of(name) is None and EMBEDDING.search(name) is not None
+
+
+def is_vocabulary(name: str) -> bool:
+    """The tensor's rows are tokens (see the module doc)."""
+    return layer_of(name) is None and VOCABULARY.search(name) is not None
 
 
 def read_config(path) -> dict:

@@ -30,8 +30,9 @@ sparsify.py; see docs/soups.md for the table):
   model); DARE drop rates and breadcrumbs gammas must be equal across models.
 - Refused with a named reason: `slices` that do not cover every layer of every
   model identically (frankenmerges), `model+lora` references, hub names that
-  are not local directories, `tokenizer`/`tokenizer_source` other than the
-  base's, `chat_template`, unknown parameters.
+  are not local directories, unknown parameters. (`translate` only: `plan_config`
+  runs every config; `tokenizer_source`, `tokenizer` and `chat_template` are
+  planned by weightops.tokenizer_merge and have no `weightops merge` equivalent.)
 Known differences: mergekit keeps int(density·n) elements (floor), we keep
 round(density·n); DARE masks come from our Philox stream (deterministic from
 `--seed`), not from torch's global RNG, so DARE merges are not bit-comparable
@@ -246,8 +247,8 @@ def translate(config) -> Translation:
         raise MergekitError(f"merge_method '{mm}' is not supported{extra}; supported: {', '.join(SUPPORTED)}")
     notes = []
     for k in ("tokenizer_source", "tokenizer", "chat_template"):
-        if k in cfg and cfg[k] not in (None, "base"):
-            raise MergekitError(f"'{k}: {cfg[k]}' is not supported (weightops copies the base's tokenizer files)")
+        if cfg.get(k) is not None:
+            raise MergekitError(f"'{k}' has no `weightops merge` equivalent (it is a config feature: weightops run CONFIG OUT)")
     if "models" in cfg and "slices" in cfg:
         raise MergekitError("a mergekit config has either 'models' or 'slices', not both")
     if "slices" in cfg:
@@ -704,10 +705,8 @@ def plan_config(config, *, seed: int = 0) -> Plan:
         raise MergekitError(f"merge_method '{mm}' is not a mergekit 0.1.5 method; methods: {', '.join(sorted(SPECS))}")
     spec = SPECS[mm]
     notes: list[str] = []
-    for k in ("tokenizer_source", "tokenizer", "chat_template"):
-        if cfg.get(k) is not None:
-            raise MergekitError(f"'{k}' is not supported yet")
     models = _Models()
+    tok = None
     try:
         base_ref = parse_ref(cfg["base_model"], "base_model") if cfg.get("base_model") is not None else None
         if base_ref is not None:
@@ -722,6 +721,15 @@ def plan_config(config, *, seed: int = 0) -> Plan:
             for src in s["sources"]:
                 models.open(src["ref"])
         base_key = ref_key(base_ref) if base_ref is not None else None
+        from weightops import tokenizer_merge
+
+        order = list(dict.fromkeys(([base_key] if base_key else []) + [ref_key(src["ref"]) for s in slices
+                                                                         for src in s["sources"]]))
+        tok = tokenizer_merge.plan_tokenizer(cfg, models, base_key, order, notes)
+        if tok is None:
+            note = tokenizer_merge.same_vocabulary_note(models, order)
+            if note:
+                notes.append(note)
         tensors: list[OutTensor] = []
         first = slices[0]["sources"]
         template_key = ref_key(first[0]["ref"])
@@ -741,12 +749,18 @@ def plan_config(config, *, seed: int = 0) -> Plan:
                        for p, (sc, _) in spec.params.items() if sc == INPUT or (sc == NON_BASE and i != bpos)}
                 inputs.append(Input(k, nm, per))
             info = models.sources[ins[0][0]].infos[ins[0][1]]
+            if tok is not None and tok.aligned and L.is_vocabulary(out_name):
+                rows = tok.rows(ins, models.sources, sb, out_name)
+                tensors.append(OutTensor(out_name, rows.shape, info.dtype, inputs, bpos, shared, t,
+                                         reader={i: rows.reader(i) for i in range(len(ins))}))
+                return
             for k, nm in ins[1:]:
                 other = models.sources[k].infos[nm]
                 if tuple(other.shape) != tuple(info.shape):
-                    vocab = L.is_embedding(out_name) or out_name.endswith("lm_head.weight")
-                    hint = (" (the vocabularies differ: weightops cannot align them yet, as mergekit's tokenizer_source "
-                            "would; merge models that share a tokenizer, or resize the embeddings first)" if vocab else "")
+                    hint = ""
+                    if L.is_vocabulary(out_name):
+                        hint = (" (the vocabularies differ: set `tokenizer_source: union` (every model's tokens), `base` "
+                                "(the base's vocabulary) or a model's path in the config to align the rows token by token)")
                     raise MergekitError(f"'{out_name}': {nm} is {list(other.shape)} in {k} but {list(info.shape)} in "
                                         f"{ins[0][0]}{hint}")
             tensors.append(OutTensor(out_name, tuple(info.shape), info.dtype, inputs, bpos, shared, t))
@@ -803,12 +817,14 @@ def plan_config(config, *, seed: int = 0) -> Plan:
                 out_layer += 1
         pre_post(slices[-1], False)
         n_out = out_layer
-        plan = Plan(mm, tensors, models, base_key, n_out, template_key, _dtype(cfg, notes), notes, cfg, seed)
+        plan = Plan(mm, tensors, models, base_key, n_out, template_key, _dtype(cfg, notes), notes, cfg, seed, tok)
         for tp in tensors:
             tp.binding = bind(plan, tp)
         return plan
     except BaseException:
         models.close()
+        if tok is not None:
+            tok.cleanup()
         raise
 
 
@@ -1062,23 +1078,34 @@ def mergekit_merge(config, out, *, seed: int = 0, dtype: str | None = None, forc
             mk["equivalent_cli"] = None
     except BaseException:
         plan.models.close()
+        if plan.tokenizer is not None:
+            plan.tokenizer.cleanup()
         raise
-    res = run_streaming(Routed(plan), MergeParams(seed=seed), slots[0], slots[1:], out=out, dtype=dtype or plan.dtype,
-                        force=force, quiet=quiet, command=command, extra_json=extra_json,
-                        manifest_extra={"method": plan.merge_method, "mergekit": mk, "seed": seed}, **engine_kw)
+    try:
+        res = run_streaming(Routed(plan), MergeParams(seed=seed), slots[0], slots[1:], out=out,
+                            dtype=dtype or plan.dtype, force=force, quiet=quiet, command=command, extra_json=extra_json,
+                            manifest_extra={"method": plan.merge_method, "mergekit": mk, "seed": seed}, **engine_kw)
+    finally:
+        if plan.tokenizer is not None:
+            plan.tokenizer.cleanup()
     res.warnings[:0] = plan.notes
     return res
 
 
 def _sidecars(plan: Plan) -> tuple[list, dict]:
     """Files next to the weights: the base's (else the first model's) config and tokenizer, with config.json's
-    layer count set to the output's."""
+    layer count set to the output's; a rebuilt tokenizer (weightops.tokenizer_merge) replaces the tokenizer
+    files, and with an aligned vocabulary config.json's vocab_size is the output's rows."""
     from weightops import layers as L
+    from weightops.tokenizer_merge import TOKENIZER_FILES
 
     key = plan.base_key or plan.template_key
     src = plan.models.sources[key]
     ck = getattr(src, "base", None) or src
-    files = [f for f in ck.sidecar_files() if f.name != "config.json"]
+    tok = plan.tokenizer
+    files = [f for f in ck.sidecar_files() if f.name != "config.json" and (tok is None or f.name not in TOKENIZER_FILES)]
+    if tok is not None:
+        files += tok.files()
     cfg = dict(plan.models.configs.get(key) or {})
     extra = {}
     if cfg:
@@ -1086,5 +1113,8 @@ def _sidecars(plan: Plan) -> tuple[list, dict]:
         if k is not None and cfg[k] != plan.n_layers:
             cfg[k] = plan.n_layers
             plan.notes.append(f"config.json {k} set to {plan.n_layers} (the output's layers)")
+        if tok is not None and tok.aligned and cfg.get("vocab_size") != tok.size:
+            cfg["vocab_size"] = tok.size
+            plan.notes.append(f"config.json vocab_size set to {tok.size} (the output's vocabulary)")
         extra["config.json"] = cfg
     return files, extra
