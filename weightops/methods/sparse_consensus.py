@@ -29,7 +29,6 @@ import math
 import torch
 
 from weightops import ops
-from weightops.dpp.rules import della_keep_prob, row_len
 from weightops.errors import WeightopsError
 from weightops.methods.base import Method, TensorJob, register
 from weightops.ops.reference import philox_keep_mask
@@ -138,6 +137,8 @@ class Della(_Sparsified):
             _per_model(s, n_models, "weights")
 
     def _rows_keep(self, job, p, i, r0, dr) -> torch.Tensor:
+        # imported here: weightops.dpp.rules imports weightops.methods (a cycle at module load)
+        from weightops.dpp.rules import della_keep_prob
         n = len(job.models)
         d = _per_model(p.density, n, "density")[i]
         e = _per_model(p.epsilon, n, "epsilon")[i]
@@ -151,6 +152,7 @@ class Della(_Sparsified):
         return philox_keep_mask(key, r0, dr.numel(), thr).reshape(dr.shape)
 
     def _keep_range(self, job, p, i, start, d, base_rows=None):
+        from weightops.dpp.rules import row_len
         cols = max(row_len(job.shape), 1)
         r0, r1 = start // cols, -(-(start + d.numel()) // cols)
         b, (x,) = job.read_block(job, r0 * cols, r1 * cols, [i])
