@@ -44,7 +44,7 @@ def merge(
     t: Optional[float] = typer.Option(None, help="slerp: interpolation factor from the first model (0) to the second (1); default 0.5."),
     normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize", help="linear: divide weights by their sum (default on)."),
     seed: int = typer.Option(0, help="Seed of the DARE masks (mask = f(seed, model index, tensor name, element index))."),
-    dtype: Optional[str] = typer.Option(None, help="Output dtype: auto (the base's), float32, bfloat16, float16."),
+    dtype: Optional[str] = typer.Option(None, help="Output dtype: auto (the base's; block-scaled FP8 → bfloat16), float32, bfloat16, float16, float8_e4m3fn (re-quantize an FP8 checkpoint's FP8 weights)."),
     shard_size: str = typer.Option("5GB", help="Maximum shard size of the output (e.g. 5GB, 500MB)."),
     block_size: Optional[int] = typer.Option(None, help="Elements per block (default 4194304); bounds memory, never changes results."),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's)."),

@@ -167,11 +167,3 @@ def quantize_band(y: torch.Tensor, cols: int, dtype: torch.dtype, block=DEFAULT_
     full = scale.repeat_interleave(br, dim=0)[:rows].repeat_interleave(bc, dim=1)[:, :cols]
     q = (Y / full).clamp(-fmax, fmax).to(dtype)
     return q.reshape(-1), scale
-
-
-def fp8_step(y: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
-    """The spacing of the scaled FP8 grid at |y| (for tests: 'within one FP8 step')."""
-    fi = torch.finfo(dtype)
-    mant = {torch.float8_e4m3fn: 3, torch.float8_e5m2: 2}[dtype]
-    a = (y.abs() / scale).clamp_min(fi.smallest_normal)
-    return torch.exp2(torch.floor(torch.log2(a)) - mant) * scale
