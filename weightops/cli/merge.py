@@ -16,12 +16,14 @@ METHODS_HELP = ("linear (soup), task_arithmetic, ties, dare_linear (alias dare),
 def _floats(text: Optional[str], what: str) -> Optional[list[float]]:
     if text is None:
         return None
-    from weightops.errors import WeightopsError
+    from weightops.errors import WeightopsError, check_finite
 
     try:
-        return [float(x) for x in text.replace(" ", "").split(",") if x]
+        values = [float(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
         raise WeightopsError(f"{what} must be comma-separated numbers, got '{text}'") from None
+    check_finite(**{what.lstrip("-").replace("-", "_"): values})
+    return values
 
 
 @app.command()

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from weightops import __version__
-from weightops.errors import OutputError, WeightopsError
+from weightops.errors import OutputError, WeightopsError, check_finite
 from weightops.io.checkpoint import Checkpoint, is_adapter_dir
 from weightops.patches.format import PatchEntry, dtype_name, fingerprint, write_patch
 
@@ -65,6 +65,7 @@ def create_patch(base, out, *, adapter=None, finetuned=None, rank: int | None = 
                  dtype: str = "float32", force: bool = False, quiet: bool = False,
                  command: list[str] | None = None) -> dict:
     """Write a patch of `adapter` (LoRA on `base`) or of `finetuned` − `base` to `out`; returns a report."""
+    check_finite(energy=energy)
     from weightops.engine import _progress
 
     t0 = time.perf_counter()

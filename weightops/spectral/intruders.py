@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from weightops import __version__
-from weightops.errors import WeightopsError
+from weightops.errors import WeightopsError, check_finite
 from weightops.io.checkpoint import Checkpoint, is_adapter_dir, open_source
 from weightops.spectral import svd as _svd
 
@@ -70,6 +70,7 @@ class Options:
     def validate(self) -> None:
         if self.top_k < 1:
             raise WeightopsError(f"--top-k must be at least 1, got {self.top_k}")
+        check_finite(eps=self.eps, eps_grid=list(self.eps_grid))
         for e in (self.eps, *self.eps_grid):
             if not (0.0 < e <= 1.0):
                 raise WeightopsError(f"ε values must be in (0, 1], got {e}")
