@@ -118,7 +118,7 @@ def plan_tensors(template, models, *, out_dtype, allow_missing, allow_dtype_mix,
     for name, info in template.infos.items():
         action, reason = "merge", ""
         if not info.is_float:
-            action, reason = "copy", f"{_dtype_name(info.dtype)} buffer"
+            action, reason = "copy", "non-float"
             buffers.append(name)
         elif pattern is not None and pattern.search(name):
             action, reason = "copy", "excluded"
