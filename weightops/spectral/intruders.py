@@ -224,18 +224,20 @@ def _analyse_matrix(name, W0_flat, shape, W, factors, base_svd, opts, threads) -
     elif factors is not None:
         top = _svd.topk_lowrank(base_svd, factors[0], factors[1], k, generator=gen)
     else:
-        top = _svd.topk_dense(W, base_svd, k, generator=gen)
+        top = _svd.topk_dense(W, base_svd, k, generator=gen, W0=W0)
     best, arg = top.cos.max(dim=0)
-    if top.solver == "subspace" and _ambiguous(best, top.err, opts.grid):
+    if top.solver == "subspace" and top.certified and _ambiguous(best, top.err, opts.grid):
         # Iterate on to the fp32 rounding floor from where we are; only then pay for the full SVD.
-        more = _svd.topk_dense(W, base_svd, k, tol=1e-8, generator=gen, start=top.V)
+        more = _svd.topk_dense(W, base_svd, k, tol=1e-8, generator=gen, start=top.V, W0=W0)
         more.iterations += top.iterations
         top = more
         best, arg = top.cos.max(dim=0)
-    if top.solver != "exact" and _ambiguous(best, top.err, opts.grid):
+    if top.solver != "exact" and (not top.certified or _ambiguous(best, top.err, opts.grid)):
+        why = ("a cosine within its error bound of an ε" if top.certified else
+               "the rest of the spectrum could not be bounded below the top k found")
         with _num_threads(threads, opts.workers == 1):
             top = _svd.topk_exact(W, base_svd, k)
-        top.solver = "exact (fallback: a cosine within its error bound of an ε)"
+        top.solver = f"exact (fallback: {why})"
         best, arg = top.cos.max(dim=0)
     dW = W - W0
     s0, s1 = float(base_svd.S[0]) if d else 0.0, float(top.S[0]) if k else 0.0

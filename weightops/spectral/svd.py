@@ -22,6 +22,20 @@ fine-tuned W. So:
 Each solver returns a per-vector error estimate (residual / spectral gap,
 a Davis-Kahan-style bound) so callers can tell when a cosine lies too close
 to a threshold to be trusted and fall back to `full_svd` (the reference).
+
+The gap to the rest of the spectrum is not taken from the iteration's own
+Ritz values (a direction the start block barely touches — an intruder
+orthogonal to the base's top subspace — is invisible to them, and the
+iteration can converge on the wrong k triplets): `Complement` bounds from
+above ‖W x‖ over every unit x orthogonal to the k found right vectors, so
+σ_{k+1}(W) ≤ c (Courant–Fischer). The space splits into a head H (the
+base's top-q right vectors, and for adapters the update's row space, minus
+the found ones: computed exactly) and the rest T, where ‖W0 t‖ ≤ σ_{q+1}(W0)
+and ‖ΔW t‖ ≤ η, a norm of ΔW restricted to T (0 for a low-rank update whose
+row space is in H; the Frobenius norm, else the Schatten-4 norm
+(Σσ⁴)^{1/4} for a dense one). If c does not stay below the k-th found value
+minus the residual, the answer is not certified (`certified = False`) and
+callers fall back to the full SVD.
 """
 from __future__ import annotations
 
@@ -63,6 +77,8 @@ class TopK:
     solver: str
     iterations: int = 0
     residual: float = 0.0  # max_j ‖W v_j − s_j u_j‖ / s_1
+    certified: bool = True  # the k found are the top k: the rest of the spectrum is bounded below them
+    tail: float = 0.0  # the bound c ≥ σ_{k+1}(W) that certified it
 
 
 # -- the base SVD cache --------------------------------------------------------------
@@ -176,9 +192,88 @@ def block_size(k: int, d: int) -> int:
     return min(d, k + max(k, 16))
 
 
+# Relative slack for the fp32 arithmetic of the certificate (and of the reference SVD it stands in for).
+CERT_SLACK = 1e-5
+# Adapters: up to this d, an uncertified answer is retried with every base direction in the head (exact, cheap
+# in the small basis) before falling back to the full SVD.
+FULL_HEAD_MAX = 1024
+
+
+def head_size(k: int, d: int) -> int:
+    """q base directions in the certificate's head: all of them for small matrices, else a few times k."""
+    return d if d <= 256 else min(d, max(64, 4 * k))
+
+
+class Complement:
+    """Bounds on ‖W x‖ over unit x ⊥ span(V), from the exact head part and a bound on the rest (module docstring).
+
+    For x = Q_H a + t (t ∈ T = span([V, head])⊥): ‖Wx‖² ≤ α‖a‖² + 2γ‖a‖‖t‖ + δ‖t‖² ≤ λ_max([[α, γ], [γ, δ]])
+    with α = ‖W Q_H‖², γ = ‖(W Q_H)ᵀ W Π_T‖ and δ = (σ_{q+1}(W0) + η)², η ≥ ‖ΔW Π_T‖."""
+
+    def __init__(self, matmul, rmatmul, V: torch.Tensor, head: torch.Tensor, sigma_next: float):
+        n, k = V.shape
+        self.Z = torch.linalg.qr(torch.cat([V, head.to(V.dtype)], dim=1)).Q  # leading k columns span V
+        self.sigma_next = sigma_next
+        self.full = self.Z.shape[1] >= n  # T is empty
+        QH = self.Z[:, k:]
+        WQ = matmul(QH).double()
+        self.alpha = float(torch.linalg.eigvalsh(WQ.T @ WQ).max()) if QH.shape[1] else 0.0
+        self.gamma = 0.0
+        if not self.full and QH.shape[1]:
+            F = rmatmul(WQ.to(V.dtype)).T.double()  # (W Q_H)ᵀ W
+            Zd = self.Z.double()
+            FT = F - (F @ Zd) @ Zd.T
+            self.gamma = float(torch.linalg.eigvalsh(FT @ FT.T).max().clamp_min(0)) ** 0.5
+
+    def bound(self, eta: float) -> float:
+        if self.full:
+            return max(self.alpha, 0.0) ** 0.5
+        a, d, g = self.alpha, (self.sigma_next + eta) ** 2, self.gamma
+        return ((a + d) / 2 + (((a - d) / 2) ** 2 + g * g) ** 0.5) ** 0.5
+
+
+def certify(S: torch.Tensor, res: torch.Tensor, complement: Complement, etas) -> tuple[torch.Tensor, bool, float]:
+    """(per-vector cosine error bounds, certified, tail bound) for found values S (k) with residuals res (k).
+
+    `etas`: callables Z -> η, cheapest first; the first that certifies wins. Uncertified: errors of 2,
+    more than any cosine can be off, so every ε counts as ambiguous."""
+    S, res = S.double(), res.double()
+    k = S.shape[0]
+    scale = float(S[0]) if k and float(S[0]) > 0 else 0.0
+    if scale == 0.0:  # W = 0: every direction is as good as any other, and so is the reference's
+        return torch.zeros(k), True, 0.0
+    rnorm = float(res.norm())
+    slack = CERT_SLACK * scale
+    c = float("inf")
+    for eta in etas:
+        c = complement.bound(0.0 if complement.full else float(eta(complement.Z)))
+        if c < float(S[-1]) - rnorm - slack:
+            break
+    else:
+        return torch.full((k,), 2.0), False, c
+    diff = (S[:, None] - S[None, :]).abs() - rnorm
+    diff[torch.arange(k), torch.arange(k)] = float("inf")
+    gaps = torch.minimum(diff.min(dim=1).values, S - c) - slack
+    err = torch.where(gaps > 0, (res / gaps.clamp_min(1e-300)).clamp(max=1.0) * (2 ** 0.5), torch.tensor(2.0, dtype=torch.float64))
+    return err.float(), True, c
+
+
+def _schatten4(E: torch.Tensor) -> float:
+    """An upper bound on (Σσ⁴)^{1/4} = ‖EᵀE‖_F^{1/2} ≥ ‖E‖₂, from the Gram matrix of the smaller side.
+
+    The Gram is an fp32 product (the cost of the whole certificate); each entry is off by at most
+    inner·2^-24·‖e_i‖‖e_j‖, so ‖G‖_F by at most inner^1.5·2^-24·‖G‖_F, which the bound adds."""
+    E = E.float()
+    G = E @ E.T if E.shape[0] <= E.shape[1] else E.T @ E
+    inner = max(E.shape)
+    return (float(G.double().norm()) * (1 + inner ** 1.5 * 2.0 ** -23)) ** 0.5
+
+
 def topk_dense(W: torch.Tensor, base: SVD, k: int, *, tol: float = 1e-5, max_iter: int = 300,
-               generator: torch.Generator | None = None, start: torch.Tensor | None = None) -> TopK:
-    """Top-k of a dense W (fp32), warm-started from the base's top right vectors (or `start`, n×k)."""
+               generator: torch.Generator | None = None, start: torch.Tensor | None = None,
+               W0: torch.Tensor | None = None) -> TopK:
+    """Top-k of a dense W (fp32), warm-started from the base's top right vectors (or `start`, n×k), certified
+    against the rest of the spectrum (`W0`, the base matrix, for ΔW = W − W0; rebuilt from `base` if not given)."""
     m, n = W.shape
     d = min(m, n)
     k = min(k, d)
@@ -187,7 +282,22 @@ def topk_dense(W: torch.Tensor, base: SVD, k: int, *, tol: float = 1e-5, max_ite
     start = torch.cat([base.Vh[:k].T if start is None else start[:, :k], rand], dim=1)
     U, S, V, res, err, it = subspace_topk(lambda x: W @ x, lambda y: W.T @ y, start, k, tol=tol, max_iter=max_iter)
     cos = (base.U.T @ U).abs()
-    return TopK(U, S, V, cos, err.float(), "subspace", it, float(res.max() / S[0]) if float(S[0]) > 0 else 0.0)
+    q = head_size(k, d)
+    comp = Complement(lambda x: W @ x, lambda y: W.T @ y, V, base.Vh[:q].T, float(base.S[q]) if q < d else 0.0)
+    if W0 is None:
+        W0 = (base.U * base.S) @ base.Vh
+    E = W.float() - W0.float()
+    # ΔW = W − W0 as fp32 computed it: its rounding (≤ half an ulp of |W| per element) is covered by the slack
+    fro2 = float(E.double().square().sum())
+
+    def eta_fro(Z):  # ‖ΔW Π_T‖_F² = ‖ΔW‖_F² − ‖ΔW Z‖_F²
+        return max(0.0, fro2 - float((E @ Z).double().square().sum())) ** 0.5
+
+    def eta_s4(Z):  # the Schatten-4 norm of ΔW Π_T: one Gram matrix, for dense noise far below Frobenius
+        return _schatten4(E - (E @ Z) @ Z.T)
+
+    err, ok, tail = certify(S[:k], res, comp, (eta_fro, eta_s4))
+    return TopK(U, S, V, cos, err, "subspace", it, float(res.max() / S[0]) if float(S[0]) > 0 else 0.0, ok, tail)
 
 
 def _complete(basis: torch.Tensor, F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -254,8 +364,26 @@ def topk_lowrank(base: SVD, Bs: torch.Tensor, A: torch.Tensor, k: int, *, tol: f
     cos = sU[:d].abs()
     if kk < k:  # W has fewer than k nonzero directions in this basis (k > min(m, n) is clipped earlier)
         k = kk
-    return LowRankTopK(None, S.float(), None, cos.float(), err.float(), "lowrank", it,
-                       float(res.max() / S[0]) if float(S[0]) > 0 else 0.0,
+    # Certificate in the small basis: the head holds the base's top q directions and the update's row space,
+    # so the update vanishes on the rest (η = 0) and the base there is at most σ_{q+1}. Cheap here, so q grows
+    # until σ_{q+1}(W0) is below the k-th value found (a flat base spectrum needs many directions).
+    q = head_size(kk, d)
+    target = float(S[-1]) - float(res.norm()) - CERT_SLACK * float(S[0]) if kk else 0.0
+    if q < d and float(S0[q]) >= 0.999 * target:
+        below = (S0 < 0.999 * target).nonzero()
+        q = int(below[0]) if len(below) else d
+
+    def attempt(q):
+        eye_q = torch.zeros(cols, q, dtype=torch.float64)
+        eye_q[torch.arange(q), torch.arange(q)] = 1.0
+        comp = Complement(matmul, rmatmul, sV, torch.cat([eye_q, Y.T], dim=1), float(S0[q]) if q < d else 0.0)
+        return certify(S, res, comp, (lambda Z: 0.0,))
+
+    err, ok, tail = attempt(q)
+    if not ok and q < d <= FULL_HEAD_MAX:  # the head couples to the rest (an update spread over the tail): take all
+        err, ok, tail = attempt(d)
+    return LowRankTopK(None, S.float(), None, cos.float(), err, "lowrank", it,
+                       float(res.max() / S[0]) if float(S[0]) > 0 else 0.0, ok, tail,
                        small_U=sU, small_V=sV, Qb=Qb, Qa=Qa, base=base)
 
 
