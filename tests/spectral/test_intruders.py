@@ -151,6 +151,20 @@ def test_fast_path_is_certified_on_trained_like_spectra():
     assert low.solver == "lowrank" and [len(low.intruders(e)) for e in GRID] == [len(ref_low.intruders(e)) for e in GRID]
 
 
+def test_eps_and_grid_use_one_rounding():
+    """The count at ε and the count under ε's key in the grid are one number, whatever digits ε has."""
+    from weightops.spectral.intruders import MatrixResult, summarise
+
+    opts = Options(eps=0.5000004, eps_grid=(0.1, 0.5))
+    r = MatrixResult("l.0.q.weight", 0, "q", (4, 4), "exact", 0, 0.0, [1.0, 0.5], [0.5000002, 0.9], [0, 1], {}, 0.0)
+    j = r.to_json(opts)
+    assert j["count"] == j["counts"][f"{opts.eps:g}"] == 0
+    summary = summarise([r], opts)
+    assert summary["total"] == summary["counts_vs_eps"][f"{opts.eps:g}"]
+    tiny = Options(eps=1.5e-7, eps_grid=(1.5e-7,))
+    assert tiny.grid == [1.5e-7]  # not rounded away to 0
+
+
 def test_error_bound_fallback_reproduces_reference():
     """A cosine sitting on a grid ε (within its error bound) sends the matrix to the full SVD: the reference's numbers."""
     g = torch.Generator().manual_seed(8)

@@ -39,6 +39,12 @@ from weightops.spectral import svd as _svd
 DEFAULT_EPS = 0.5
 DEFAULT_TOP_K = 10
 DEFAULT_EPS_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 … 0.95
+
+
+def eps_value(e: float) -> float:
+    """Every ε (the one reported and the grid's) to 6 significant digits, the precision the report's keys
+    (f"{e:g}") carry: the count at ε and the count under ε's key are then one number."""
+    return float(f"{float(e):.6g}")
 # Margin for the reference's own rounding: a cosine this close to ε may land on
 # either side in an fp32 LAPACK SVD, so such matrices take the reference path.
 REFERENCE_MARGIN = 1e-5
@@ -67,7 +73,15 @@ class Options:
     keep_vectors: bool = False  # keep intruder (u, s, v) for mitigation
     detail_k: int = 64  # base vectors shown in the cosine-matrix plot
 
+    def __post_init__(self) -> None:
+        self._round()
+
+    def _round(self) -> None:
+        self.eps = eps_value(self.eps)
+        self.eps_grid = tuple(eps_value(e) for e in self.eps_grid)
+
     def validate(self) -> None:
+        self._round()
         if self.top_k < 1:
             raise WeightopsError(f"--top-k must be at least 1, got {self.top_k}")
         check_finite(eps=self.eps, eps_grid=list(self.eps_grid))
@@ -85,7 +99,7 @@ class Options:
 
     @property
     def grid(self) -> list[float]:
-        return sorted(set(round(float(e), 6) for e in (*self.eps_grid, self.eps)))
+        return sorted(set(eps_value(e) for e in (*self.eps_grid, self.eps)))
 
 
 def layer_and_module(name: str) -> tuple[int | None, str]:
