@@ -207,8 +207,11 @@ def head_size(k: int, d: int) -> int:
 class Complement:
     """Bounds on ‖W x‖ over unit x ⊥ span(V), from the exact head part and a bound on the rest (module docstring).
 
-    For x = Q_H a + t (t ∈ T = span([V, head])⊥): ‖Wx‖² ≤ α‖a‖² + 2γ‖a‖‖t‖ + δ‖t‖² ≤ λ_max([[α, γ], [γ, δ]])
-    with α = ‖W Q_H‖², γ = ‖(W Q_H)ᵀ W Π_T‖ and δ = (σ_{q+1}(W0) + η)², η ≥ ‖ΔW Π_T‖."""
+    In the basis [Q_H, Q_T] (T = span([V, head])⊥), Π WᵀW Π = [[A, C], [Cᵀ, D]] with A = (W Q_H)ᵀ(W Q_H) and
+    CCᵀ = G = F Π_T Fᵀ, F = (W Q_H)ᵀ W, both computed exactly (h×h), and D ⪯ δ I with δ = (σ_{q+1}(W0) + η)²,
+    η ≥ ‖ΔW Π_T‖. An eigenvalue λ > δ of that matrix satisfies λ ≤ g(λ) = λ_max(A + G/(λ − δ)) (eliminate the
+    T part of its eigenvector; (λ − D)⁻¹ ⪯ (λ − δ)⁻¹), and g decreases, so λ_max ≤ λ*, the root of g(λ) = λ:
+    found by bisection below the cruder 2×2 bound λ_max([[‖A‖, ‖G‖^½], [‖G‖^½, δ]])."""
 
     def __init__(self, matmul, rmatmul, V: torch.Tensor, head: torch.Tensor, sigma_next: float):
         n, k = V.shape
@@ -217,19 +220,36 @@ class Complement:
         self.full = self.Z.shape[1] >= n  # T is empty
         QH = self.Z[:, k:]
         WQ = matmul(QH).double()
-        self.alpha = float(torch.linalg.eigvalsh(WQ.T @ WQ).max()) if QH.shape[1] else 0.0
-        self.gamma = 0.0
+        self.A = WQ.T @ WQ
+        self.alpha = float(torch.linalg.eigvalsh(self.A).max()) if QH.shape[1] else 0.0
+        self.G = torch.zeros_like(self.A)
         if not self.full and QH.shape[1]:
             F = rmatmul(WQ.to(V.dtype)).T.double()  # (W Q_H)ᵀ W
             Zd = self.Z.double()
             FT = F - (F @ Zd) @ Zd.T
-            self.gamma = float(torch.linalg.eigvalsh(FT @ FT.T).max().clamp_min(0)) ** 0.5
+            self.G = FT @ FT.T
+        self.gamma = float(torch.linalg.eigvalsh(self.G).max().clamp_min(0)) ** 0.5 if QH.shape[1] else 0.0
 
     def bound(self, eta: float) -> float:
-        if self.full:
-            return max(self.alpha, 0.0) ** 0.5
+        if self.full or self.A.shape[0] == 0:
+            return max(self.alpha, 0.0) ** 0.5 if self.full else self.sigma_next + eta
         a, d, g = self.alpha, (self.sigma_next + eta) ** 2, self.gamma
-        return ((a + d) / 2 + (((a - d) / 2) ** 2 + g * g) ** 0.5) ** 0.5
+        hi = (a + d) / 2 + (((a - d) / 2) ** 2 + g * g) ** 0.5  # the 2×2 bound: g(hi) ≤ hi
+        lo = max(a, d)  # λ* ≥ λ_max(A) and > δ
+        if g == 0.0:
+            return lo ** 0.5
+        for _ in range(60):  # bisection on g(λ) − λ (decreasing); keeps g(hi) ≤ hi
+            mid = (lo + hi) / 2
+            if mid <= d:
+                lo = mid
+                continue
+            if float(torch.linalg.eigvalsh(self.A + self.G / (mid - d)).max()) > mid:
+                lo = mid
+            else:
+                hi = mid
+            if hi - lo <= 1e-12 * hi:
+                break
+        return hi ** 0.5
 
 
 def certify(S: torch.Tensor, res: torch.Tensor, complement: Complement, etas) -> tuple[torch.Tensor, bool, float]:
