@@ -30,8 +30,8 @@ iteration can converge on the wrong k triplets): `Complement` bounds from
 above ‖W x‖ over every unit x orthogonal to the k found right vectors, so
 σ_{k+1}(W) ≤ c (Courant–Fischer). The space splits into a head H (the
 base's top-q right vectors, and for adapters the update's row space, minus
-the found ones: computed exactly) and the rest T, where ‖W0 t‖ ≤ σ_{q+1}(W0)
-and ‖ΔW t‖ ≤ η, a norm of ΔW restricted to T (0 for a low-rank update whose
+the found ones: computed exactly, with its coupling to the rest) and the
+rest T, where ‖W0 t‖ ≤ σ_{q+1}(W0) and ‖ΔW t‖ ≤ η, a norm of ΔW on T (0 for a low-rank update whose
 row space is in H; the Frobenius norm, else the Schatten-4 norm
 (Σσ⁴)^{1/4} for a dense one). If c does not stay below the k-th found value
 minus the residual, the answer is not certified (`certified = False`) and
