@@ -90,8 +90,8 @@ def _refuse_unknown_dtypes(src) -> None:
     if unknown:
         name, why = next(iter(unknown.items()))
         more = f" (+{len(unknown) - 1} more)" if len(unknown) > 1 else ""
-        raise AlignmentError(f"{src.path}: tensor '{name}' is {why}{more}; weightops reads FP8 only with one float "
-                             f"'*{fp8.SCALE_SUFFIX}' per 128×128 block (docs/merging.md)")
+        raise AlignmentError(f"{src.path}: tensor '{name}' is {why}{more}; weightops reads FP8 only with a float "
+                             f"'*{fp8.SCALE_SUFFIX}' per weight block (weight_block_size, 128×128 by default; docs/merging.md)")
     qc = (getattr(src, "config", None) or {}).get("quantization_config")
     if qc and qc.get("quant_method") != "fp8":
         raise AlignmentError(f"{src.path}: a {qc.get('quant_method')!r}-quantized checkpoint (config.json "

@@ -3,29 +3,17 @@ from finite inputs is an error under --strict and a warning that says so otherwi
 from __future__ import annotations
 
 import inspect
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from checkpoints import make_bert_state, write_model
+from clirun import one_line_error, run_cli
 from weightops.engine import merge
 from weightops.errors import NumericError, WeightopsError
 from weightops.io.checkpoint import Checkpoint
 
 BAD = ("nan", "inf", "-inf", "1e39")  # 1e39: finite in Python, inf in float32 (the compute dtype)
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "weightops", *map(str, args)], capture_output=True, text=True)
-
-
-def one_line_error(res, *needles):
-    lines = [l for l in res.stderr.strip().splitlines() if l.strip()]
-    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def _commands():

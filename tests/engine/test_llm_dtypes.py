@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from checkpoints import TINY_BERT, TINY_LLAMA, make_bert_state, make_llama_state, write_model
+from clirun import one_line_error, run_cli
 from weightops.engine import merge
 from weightops.errors import WeightopsError
 from weightops.info import verify
@@ -24,17 +23,6 @@ QCFG = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "w
 # (partial blocks at the right and bottom edges).
 FP8_LLAMA = dict(TINY_LLAMA, hidden_size=160, intermediate_size=300, head_dim=40, num_hidden_layers=2,
                  quantization_config=QCFG)
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "weightops", *map(str, args)], capture_output=True, text=True)
-
-
-def one_line_error(res, *needles):
-    lines = [l for l in res.stderr.strip().splitlines() if l.strip()]
-    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 # -- a plain FP8 codec written from the convention (not weightops') -------------------------------

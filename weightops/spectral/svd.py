@@ -147,20 +147,13 @@ class SVDCache:
 # -- top-k solvers ---------------------------------------------------------------------
 
 
-def _gaps(S: torch.Tensor, k: int) -> torch.Tensor:
-    """Distance of each of the first k Ritz values to every other one in the block (the last stands for the tail)."""
-    diff = (S[:k, None] - S[None, :]).abs()
-    diff[torch.arange(k), torch.arange(k)] = float("inf")
-    return diff.min(dim=1).values
-
-
 def subspace_topk(matmul, rmatmul, start: torch.Tensor, k: int, *, tol: float, max_iter: int):
     """Top-k singular triplets of the operator W (given by x ↦ Wx, y ↦ Wᵀy) by block subspace iteration.
 
     `start` (n×p, p > k) spans the initial right subspace. Each step: Q = orth(W V),
     Rayleigh-Ritz on Qᵀ W (so Wᵀu_j = s_j v_j holds exactly), stop when
     ‖W v_j − s_j u_j‖ ≤ tol·s_1 for j < k. Returns U, S, V (first k), the
-    residuals, the error estimates residual/gap and the number of iterations.
+    residuals and the number of iterations; `certify` turns residuals into error bounds.
     """
     V = torch.linalg.qr(start).Q
     U = S = None
@@ -180,12 +173,7 @@ def subspace_topk(matmul, rmatmul, start: torch.Tensor, k: int, *, tol: float, m
         Q = torch.linalg.qr(Y).Q
         Ub, S, Vh = torch.linalg.svd(rmatmul(Q).T, full_matrices=False)
         U, V = Q @ Ub, Vh.T
-    scale = S[0] if float(S[0]) > 0 else torch.tensor(1.0, dtype=S.dtype)
-    gaps = _gaps(S, k).clamp_min(float(scale) * 1e-12)
-    err = (res / gaps).clamp(max=1.0) * (2 ** 0.5)  # ‖u − u*‖ ≤ √2 sin∠; |Δcos| ≤ ‖u − u*‖
-    if float(scale) == 0.0:  # W = 0: every vector is as good as any other
-        err = torch.zeros(k, dtype=S.dtype)
-    return U[:, :k], S[:k], V[:, :k], res, err, it
+    return U[:, :k], S[:k], V[:, :k], res, it
 
 
 def block_size(k: int, d: int) -> int:
@@ -274,6 +262,7 @@ def certify(S: torch.Tensor, res: torch.Tensor, complement: Complement, etas) ->
     diff = (S[:, None] - S[None, :]).abs() - rnorm
     diff[torch.arange(k), torch.arange(k)] = float("inf")
     gaps = torch.minimum(diff.min(dim=1).values, S - c) - slack
+    # Davis–Kahan: sin∠ ≤ residual/gap; ‖u − u*‖ ≤ √2 sin∠ and |Δcos| ≤ ‖u − u*‖
     err = torch.where(gaps > 0, (res / gaps.clamp_min(1e-300)).clamp(max=1.0) * (2 ** 0.5), torch.tensor(2.0, dtype=torch.float64))
     return err.float(), True, c
 
@@ -300,7 +289,7 @@ def topk_dense(W: torch.Tensor, base: SVD, k: int, *, tol: float = 1e-5, max_ite
     p = block_size(k, d)
     rand = torch.randn(n, p - k, generator=generator, dtype=torch.float32)
     start = torch.cat([base.Vh[:k].T if start is None else start[:, :k], rand], dim=1)
-    U, S, V, res, err, it = subspace_topk(lambda x: W @ x, lambda y: W.T @ y, start, k, tol=tol, max_iter=max_iter)
+    U, S, V, res, it = subspace_topk(lambda x: W @ x, lambda y: W.T @ y, start, k, tol=tol, max_iter=max_iter)
     cos = (base.U.T @ U).abs()
     q = head_size(k, d)
     comp = Complement(lambda x: W @ x, lambda y: W.T @ y, V, base.Vh[:q].T, float(base.S[q]) if q < d else 0.0)
@@ -379,7 +368,7 @@ def topk_lowrank(base: SVD, Bs: torch.Tensor, A: torch.Tensor, k: int, *, tol: f
     eye[torch.arange(min(kk, d)), torch.arange(min(kk, d))] = 1.0
     extra = torch.randn(cols, max(0, p - eye.shape[1] - Y.shape[0]), generator=generator, dtype=torch.float64)
     start = torch.cat([eye, Y.T, extra], dim=1)[:, :p]
-    sU, S, sV, res, err, it = subspace_topk(matmul, rmatmul, start, kk, tol=tol, max_iter=max_iter)
+    sU, S, sV, res, it = subspace_topk(matmul, rmatmul, start, kk, tol=tol, max_iter=max_iter)
     # Directions outside span(U0) exist only for tall W0 (m > n); they have cosine 0 with every base vector.
     cos = sU[:d].abs()
     if kk < k:  # W has fewer than k nonzero directions in this basis (k > min(m, n) is clipped earlier)
