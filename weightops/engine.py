@@ -33,7 +33,7 @@ import torch
 from weightops import __version__, ops
 from weightops.errors import AlignmentError, NumericError, WeightopsError
 from weightops.io import fp8
-from weightops.io.checkpoint import Checkpoint, is_adapter_dir, open_source
+from weightops.io.checkpoint import Checkpoint, is_adapter_dir, open_source, output_config
 from weightops.io.writer import CheckpointWriter
 from weightops.methods import MergeParams, get_method
 from weightops.methods.base import Method, TensorJob
@@ -84,20 +84,6 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt)[6:]
 
 
-def _refuse_unknown_dtypes(src) -> None:
-    """FP8 we cannot read and checkpoints quantized by other methods are errors that name a tensor."""
-    unknown = getattr(src, "unknown_fp8", None) or {}
-    if unknown:
-        name, why = next(iter(unknown.items()))
-        more = f" (+{len(unknown) - 1} more)" if len(unknown) > 1 else ""
-        raise AlignmentError(f"{src.path}: tensor '{name}' is {why}{more}; weightops reads FP8 only with a float "
-                             f"'*{fp8.SCALE_SUFFIX}' per weight block (weight_block_size, 128×128 by default; docs/merging.md)")
-    qc = (getattr(src, "config", None) or {}).get("quantization_config")
-    if qc and qc.get("quant_method") != "fp8":
-        raise AlignmentError(f"{src.path}: a {qc.get('quant_method')!r}-quantized checkpoint (config.json "
-                             f"quantization_config); dequantize it first (weightops merges float and block-scaled FP8 weights)")
-
-
 def plan_tensors(template, models, *, out_dtype, allow_missing, allow_dtype_mix, exclude) -> tuple[list[PlannedTensor], list[str]]:
     """Align the models on the template's tensor names; errors name the first offenders.
 
@@ -109,7 +95,7 @@ def plan_tensors(template, models, *, out_dtype, allow_missing, allow_dtype_mix,
     shape_err, dtype_err = [], []
     pattern = re.compile(exclude) if exclude else None
     for src in [template, *models]:
-        _refuse_unknown_dtypes(src)
+        fp8.check_readable(src)
     fp8_out = out_dtype in fp8.FP8_DTYPES
     if fp8_out and not any(isinstance(i, fp8.BlockScaledInfo) for i in template.infos.values()):
         raise WeightopsError(f"--dtype {_dtype_name(out_dtype)} re-quantizes the block-scaled FP8 weights of an FP8 "
@@ -229,36 +215,6 @@ class _Numerics:
                 f"(float32 overflow; check --weights/--lambda; --strict makes this an error)" for n, c in self.produced.items()]
         out += [f"clamped {c} value(s) of '{n}' to the output dtype's range" for n, c in self.clamped.items()]
         return out
-
-
-def _output_config(path: Path, plan: list[PlannedTensor], fp8_block) -> dict | None:
-    """The template's config.json with the dtype that was written (torch_dtype, and `dtype` as transformers 5
-    writes it) and a quantization_config only when FP8 weights were written; None: copy the file as it is."""
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(cfg, dict):
-        return None
-    sizes: dict[torch.dtype, int] = {}
-    for p in plan:
-        if p.out_dtype.is_floating_point and p.out_dtype not in fp8.FP8_DTYPES:
-            sizes[p.out_dtype] = sizes.get(p.out_dtype, 0) + math.prod(p.shape)
-    if sizes:
-        main = _dtype_name(max(sizes, key=lambda d: sizes[d]))
-        cfg["torch_dtype"] = cfg["dtype"] = main
-        for sub in cfg.values():  # composite models (text_config, vision_config, ...) carry their own
-            if isinstance(sub, dict):
-                for key in ("torch_dtype", "dtype"):
-                    if key in sub:
-                        sub[key] = main
-    qc = cfg.get("quantization_config")
-    if fp8_block is not None:
-        if not (isinstance(qc, dict) and qc.get("quant_method") == "fp8"):
-            cfg["quantization_config"] = {**fp8.QUANT_CONFIG, "weight_block_size": list(fp8_block)}
-    elif isinstance(qc, dict) and qc.get("quant_method") == "fp8":
-        del cfg["quantization_config"]
-    return cfg
 
 
 def _progress(total: int, quiet: bool, desc: str):
@@ -422,8 +378,11 @@ def run_streaming(method: Method, params, base_src, sources: list, *, out, dtype
                     for s in everything:
                         s.release(p.name, start, stop)
         fp8_block = next(iter(fp8_blocks.values()), None)
+        written: dict[torch.dtype, int] = {}
+        for p in plan:
+            written[p.out_dtype] = written.get(p.out_dtype, 0) + math.prod(p.shape)
         for f in template.sidecar_files():
-            cfg = _output_config(f, plan, fp8_block) if f.name == "config.json" else None
+            cfg = output_config(f, written, fp8_block) if f.name == "config.json" else None
             if cfg is not None:
                 writer.add_json(f.name, cfg)
             else:

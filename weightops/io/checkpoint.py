@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from weightops.errors import CheckpointError
-from weightops.io.fp8 import SCALE_SUFFIX, BlockScaledInfo, find_block_scaled
+from weightops.io.fp8 import FP8_DTYPES, QUANT_CONFIG, SCALE_SUFFIX, BlockScaledInfo, find_block_scaled
 from weightops.io.safetensors_file import SafetensorsFile, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -189,3 +189,32 @@ def open_source(path: str | os.PathLike, base: Checkpoint | None = None):
             raise CheckpointError(f"{path}: a LoRA adapter needs --base (the model it was trained on)")
         return LoraAdapter(path, base)
     return Checkpoint(path)
+
+
+def output_config(path: Path, written: dict, fp8_block) -> dict | None:
+    """The template's config.json for an output: the dtype written (`torch_dtype`, and `dtype` as transformers 5
+    writes and prefers it) set to the dtype of most of the non-FP8 float elements (`written`: dtype → elements),
+    also in sub-configs that carry one; an fp8 quantization_config kept (or added) only when FP8 weights were
+    written (`fp8_block`), dropped otherwise. None: unreadable, copy the file as it is."""
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    sizes = {d: n for d, n in written.items() if d.is_floating_point and d not in FP8_DTYPES}
+    if sizes:
+        main = str(max(sizes, key=lambda d: sizes[d]))[6:]
+        cfg["torch_dtype"] = cfg["dtype"] = main
+        for sub in cfg.values():  # composite models (text_config, vision_config, ...) carry their own
+            if isinstance(sub, dict):
+                for key in ("torch_dtype", "dtype"):
+                    if key in sub:
+                        sub[key] = main
+    qc = cfg.get("quantization_config")
+    if fp8_block is not None:
+        if not (isinstance(qc, dict) and qc.get("quant_method") == "fp8"):
+            cfg["quantization_config"] = {**QUANT_CONFIG, "weight_block_size": list(fp8_block)}
+    elif isinstance(qc, dict) and qc.get("quant_method") == "fp8":
+        del cfg["quantization_config"]
+    return cfg

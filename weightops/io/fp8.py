@@ -167,3 +167,19 @@ def quantize_band(y: torch.Tensor, cols: int, dtype: torch.dtype, block=DEFAULT_
     full = scale.repeat_interleave(br, dim=0)[:rows].repeat_interleave(bc, dim=1)[:, :cols]
     q = (Y / full).clamp(-fmax, fmax).to(dtype)
     return q.reshape(-1), scale
+
+
+def check_readable(src) -> None:
+    """FP8 we cannot read, and checkpoints quantized by other methods, are errors that name a tensor or the method."""
+    from weightops.errors import AlignmentError
+
+    unknown = getattr(src, "unknown_fp8", None) or {}
+    if unknown:
+        name, why = next(iter(unknown.items()))
+        more = f" (+{len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise AlignmentError(f"{src.path}: tensor '{name}' is {why}{more}; weightops reads FP8 only with a float "
+                             f"'*{SCALE_SUFFIX}' per weight block (weight_block_size, 128×128 by default; docs/merging.md)")
+    qc = (getattr(src, "config", None) or {}).get("quantization_config")
+    if qc and qc.get("quant_method") != "fp8":
+        raise AlignmentError(f"{src.path}: a {qc.get('quant_method')!r}-quantized checkpoint (config.json "
+                             f"quantization_config); dequantize it first (weightops merges float and block-scaled FP8 weights)")
