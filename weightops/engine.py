@@ -3,8 +3,11 @@
 1. Open the base and the models (checkpoints or LoRA adapters on the base).
 2. Plan: align every tensor by name; each output tensor is either merged
    (float, present everywhere, not excluded) or copied from the template
-   (the base, else the first model): non-float buffers, --exclude matches and,
-   with --allow-missing, tensors some model lacks.
+   (the base, else the first model): integer/bool buffers (with a warning),
+   --exclude matches and, with --allow-missing, tensors some model lacks.
+   Block-scaled FP8 weights are float tensors (read in fp32, written as bf16 or
+   re-quantized); FP8 of any other convention, and checkpoints quantized by
+   other methods, are refused by name.
 3. Compute: for each tensor in file order, the method's statistics passes,
    then block by block: read the same flat element range of every input,
    merge in fp32, check the range of the output dtype, cast.
@@ -31,8 +34,8 @@ import torch
 
 from weightops import __version__, card, hub, ops
 from weightops.errors import AlignmentError, NumericError, WeightopsError
-from weightops.io.checkpoint import Checkpoint, is_adapter_dir, open_source
-from weightops.io.safetensors_file import FLOAT_DTYPES
+from weightops.io import fp8
+from weightops.io.checkpoint import Checkpoint, is_adapter_dir, open_source, output_config
 from weightops.io.writer import CheckpointWriter
 from weightops.layers import is_vocabulary
 from weightops.methods import MergeParams, get_method
@@ -42,7 +45,9 @@ from weightops.methods.base import Method, TensorJob
 # temporaries of a fused merge, peak RSS stays at a few hundred MB.
 DEFAULT_BLOCK_SIZE = 1 << 22
 DTYPE_ARGS = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn}
+# What block-scaled FP8 weights become with --dtype auto: the dtype of the releases' other weights.
+FP8_DEFAULT_OUT = torch.bfloat16
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -78,17 +83,32 @@ def _fmt_names(names: list[str], n: int = 3) -> str:
     return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt)[6:]
+
+
 def plan_tensors(template, models, *, out_dtype, allow_missing, allow_dtype_mix, exclude) -> tuple[list[PlannedTensor], list[str]]:
-    """Align the models on the template's tensor names; errors name the first offenders."""
+    """Align the models on the template's tensor names; errors name the first offenders.
+
+    Output dtype: `out_dtype` for every float tensor, except that an FP8 `out_dtype` re-quantizes
+    only the template's block-scaled FP8 weights; `None` keeps each tensor's dtype, and block-scaled
+    FP8 becomes bfloat16. Integer and bool tensors are copied unchanged, with a note."""
     notes: list[str] = []
     missing: dict[int, list[str]] = {}
     shape_err, dtype_err = [], []
     pattern = re.compile(exclude) if exclude else None
-    plan = []
+    for src in [template, *models]:
+        fp8.check_readable(src)
+    fp8_out = out_dtype in fp8.FP8_DTYPES
+    if fp8_out and not any(isinstance(i, fp8.BlockScaledInfo) for i in template.infos.values()):
+        raise WeightopsError(f"--dtype {_dtype_name(out_dtype)} re-quantizes the block-scaled FP8 weights of an FP8 "
+                             f"checkpoint; {template.path} has none (write bfloat16 or float32)")
+    plan, buffers = [], []
     for name, info in template.infos.items():
         action, reason = "merge", ""
         if not info.is_float:
             action, reason = "copy", "non-float"
+            buffers.append(name)
         elif pattern is not None and pattern.search(name):
             action, reason = "copy", "excluded"
         for i, m in enumerate(models):
@@ -104,11 +124,14 @@ def plan_tensors(template, models, *, out_dtype, allow_missing, allow_dtype_mix,
                             "`tokenizer_source: union`, `base` or a model, run by `weightops run CONFIG OUT`, aligns them by "
                             "token: docs/merging.md)")
                 shape_err.append(f"'{name}' is {list(mi.shape)} in model {i + 1} ({m.path}) but {list(info.shape)} in {template.path}{hint}")
-            elif info.is_float and mi.dtype != info.dtype and not allow_dtype_mix:
-                dtype_err.append(f"'{name}' is {str(mi.dtype)[6:]} in model {i + 1} but {str(info.dtype)[6:]} in {template.path}")
-            elif info.is_float != (mi.dtype in FLOAT_DTYPES):
-                dtype_err.append(f"'{name}' is {str(mi.dtype)[6:]} in model {i + 1} but {str(info.dtype)[6:]} in {template.path}")
-        dt = out_dtype if (out_dtype is not None and info.is_float) else info.dtype
+            elif info.is_float != mi.is_float or (info.is_float and mi.dtype != info.dtype and not allow_dtype_mix):
+                dtype_err.append(f"'{name}' is {_dtype_name(mi.dtype)} in model {i + 1} but {_dtype_name(info.dtype)} in {template.path}")
+        if isinstance(info, fp8.BlockScaledInfo):
+            dt = out_dtype if out_dtype is not None else FP8_DEFAULT_OUT
+        elif info.is_float and out_dtype is not None and not fp8_out:
+            dt = out_dtype
+        else:
+            dt = info.dtype
         plan.append(PlannedTensor(name, tuple(info.shape), info.dtype, dt, action, reason))
     if shape_err:
         raise AlignmentError(f"shape mismatch: {shape_err[0]}" + (f" (+{len(shape_err) - 1} more)" if len(shape_err) > 1 else ""))
@@ -121,6 +144,12 @@ def plan_tensors(template, models, *, out_dtype, allow_missing, allow_dtype_mix,
         parts = [f"model {i + 1} lacks {len(v)} tensor(s) of {template.path}: {_fmt_names(v)}" for i, v in missing.items()]
         parts += [f"model {i + 1} has {len(v)} tensor(s) not in {template.path}: {_fmt_names(v)}" for i, v in extra.items()]
         raise AlignmentError("; ".join(parts) + " (--allow-missing copies missing tensors from the base and ignores extra ones)")
+    f64 = [p.name for p in plan if p.action == "merge" and p.in_dtype == torch.float64]
+    if f64:
+        notes.append(f"{len(f64)} float64 tensor(s) merged in float32 precision (written as float64): {_fmt_names(f64)}")
+    if buffers:
+        notes.append(f"{len(buffers)} integer/bool tensor(s) are not weights and were copied from {template.path} "
+                     f"unchanged: {_fmt_names(buffers)}")
     for i, v in missing.items():
         notes.append(f"model {i + 1} lacks {len(v)} tensor(s); copied from the base: {_fmt_names(v)}")
     for i, v in extra.items():
@@ -135,11 +164,14 @@ class _Numerics:
     the range check); when it holds NaN/Inf the inputs are scanned to name the
     culprits. A NaN that a DARE drop or a trim removes therefore goes
     unreported unless `strict`, which checks every input block exactly first.
+    NaN/Inf that the merge makes from finite inputs (float32 overflow) fail
+    under `strict` and are a warning that says so otherwise.
     """
 
     def __init__(self, strict: bool, clamp: bool):
         self.strict, self.clamp = strict, clamp
         self.nonfinite: dict[str, list[str]] = {}
+        self.produced: dict[str, int] = {}
         self.clamped: dict[str, int] = {}
 
     def _scan_inputs(self, name: str, blocks: list[tuple[str, torch.Tensor]]) -> bool:
@@ -166,7 +198,11 @@ class _Numerics:
         lo, hi = lo.item(), hi.item()
         if not (math.isfinite(lo) and math.isfinite(hi)):
             if not self._scan_inputs(name, list(inputs)):
-                self.nonfinite.setdefault(name, []).append("the merge itself (overflow)")
+                bad = int((~torch.isfinite(x)).sum())
+                if self.strict:
+                    raise NumericError(f"tensor '{name}': the merge made {bad} NaN/Inf value(s) from finite inputs "
+                                       f"(float32 overflow; check --weights/--lambda) (--strict)")
+                self.produced[name] = self.produced.get(name, 0) + bad
             return x.to(out_dtype)
         if out_dtype in (torch.float16, torch.bfloat16):
             fmax = torch.finfo(out_dtype).max
@@ -183,6 +219,8 @@ class _Numerics:
 
     def messages(self) -> list[str]:
         out = [f"NaN/Inf in input tensor '{n}' of {', '.join(w)}" for n, w in self.nonfinite.items()]
+        out += [f"output not finite: the merge made {c} NaN/Inf value(s) in '{n}' from finite inputs "
+                f"(float32 overflow; check --weights/--lambda; --strict makes this an error)" for n, c in self.produced.items()]
         out += [f"clamped {c} value(s) of '{n}' to the output dtype's range" for n, c in self.clamped.items()]
         return out
 
@@ -283,7 +321,12 @@ def run_streaming(method: Method, params, base_src, sources: list, *, out, dtype
     def read_main(job: TensorJob, start: int, stop: int, which=None):
         idx = range(len(job.models)) if which is None else which
         b = job.base.read(job.name, start, stop) if job.base is not None else None
-        return b, [job.models[i].read(job.name, start, stop) for i in idx]
+        xs = [job.models[i].read(job.name, start, stop) for i in idx]
+        if any(x.dtype == torch.float64 for x in xs) or (b is not None and b.dtype == torch.float64):
+            # the ops compute in float32 whatever the input; float64 is announced in the plan's notes
+            b = b.float() if b is not None else None
+            xs = [x.float() for x in xs]
+        return b, xs
 
     def read_block(job: TensorJob, start: int, stop: int, which=None):
         b, xs = read_main(job, start, stop, which)
@@ -295,12 +338,42 @@ def run_streaming(method: Method, params, base_src, sources: list, *, out, dtype
             bar.update(nb)
         return b, xs
 
+    # FP8 outputs are re-quantized with fresh per-block scales: their blocks are whole 128-row bands,
+    # and each is followed in the layout by its `*_scale_inv` tensor, written once its bands are done.
+    fp8_blocks = {p.name: template.infos[p.name].block for p in plan if p.out_dtype in fp8.FP8_DTYPES}
+
+    def tensor_block_size(p: PlannedTensor) -> int:
+        blk = fp8_blocks.get(p.name)
+        return block_size if blk is None else fp8.band_elements(p.shape, block_size, blk)
+
     def make_job(p: PlannedTensor) -> TensorJob:
-        return TensorJob(p.name, p.shape, p.out_dtype, base_src, sources, block_size, read_block)
+        return TensorJob(p.name, p.shape, p.out_dtype, base_src, sources, tensor_block_size(p), read_block)
+
+    def scale_entry(p: PlannedTensor) -> tuple[str, torch.dtype, tuple[int, int]]:
+        return p.name + fp8.SCALE_SUFFIX, torch.float32, fp8.scale_shape(p.shape, fp8_blocks[p.name])
+
+    scales: dict[str, list[torch.Tensor]] = {n: [] for n in fp8_blocks}
+
+    def emit(p: PlannedTensor, y: torch.Tensor, named) -> None:
+        """Check, cast (or quantize) and write one output block; an FP8 tensor's scales follow its last band."""
+        blk = fp8_blocks.get(p.name)
+        if blk is None:
+            writer.write(p.name, numerics.finalize(p.name, y, p.out_dtype, named))
+            return
+        q, sc = fp8.quantize_band(numerics.finalize(p.name, y, torch.float32, named), p.shape[1], p.out_dtype, blk)
+        writer.write(p.name, q)
+        scales[p.name].append(sc)
+        if sum(x.shape[0] for x in scales[p.name]) == scale_entry(p)[2][0]:
+            writer.write(scale_entry(p)[0], torch.cat(scales.pop(p.name)).reshape(-1))
 
     metadata = {"weightops_version": __version__, "weightops_method": method.name}
-    layout = [(p.name, p.out_dtype, p.shape) for p in plan]
+    layout = []
+    for p in plan:
+        layout.append((p.name, p.out_dtype, p.shape))
+        if p.name in fp8_blocks:
+            layout.append(scale_entry(p))
     bytes_read = 0
+    template_label = "base" if base_src is not None else "model 1"
     with CheckpointWriter(out, layout, shard_size=shard_size, metadata=metadata, force=force) as writer:
         merge_jobs = [make_job(p) for p in plan if p.action == "merge"]
         with _progress(None, quiet, f"{method.name}: model-wide statistics") as bars["stats"]:
@@ -312,10 +385,14 @@ def run_streaming(method: Method, params, base_src, sources: list, *, out, dtype
                 bar.set_postfix_str(f"tensor {ti + 1}/{len(plan)}", refresh=False)
                 if p.action == "copy":
                     info = template.infos[p.name]
-                    for start in range(0, info.numel, block_size):
-                        stop = min(info.numel, start + block_size)
+                    step = tensor_block_size(p)
+                    for start in range(0, info.numel, step):
+                        stop = min(info.numel, start + step)
                         x = template.read(p.name, start, stop)
-                        writer.write(p.name, x if x.dtype == p.out_dtype else numerics.finalize(p.name, x.float(), p.out_dtype))
+                        if x.dtype == p.out_dtype and p.name not in fp8_blocks:
+                            writer.write(p.name, x)
+                        else:
+                            emit(p, x.float(), [(template_label, x)])
                         template.release(p.name, start, stop)
                         bytes_read += x.numel() * x.element_size()
                         bar.update(x.numel() * x.element_size())
@@ -326,17 +403,24 @@ def run_streaming(method: Method, params, base_src, sources: list, *, out, dtype
                     b, xs = read_main(job, start, stop)
                     named = ([("base", b)] if b is not None else []) + [(f"model {i + 1}", x) for i, x in enumerate(xs)]
                     numerics.before(p.name, named)
-                    y = method.merge_block(job, params, state, start, b, xs)
-                    writer.write(p.name, numerics.finalize(p.name, y, p.out_dtype, named))
+                    emit(p, method.merge_block(job, params, state, start, b, xs), named)
                     nb = sum(x.numel() * x.element_size() for x in xs) + (b.numel() * b.element_size() if b is not None else 0)
                     bytes_read += nb
                     bar.update(nb)
                     for s in everything:
                         s.release(p.name, start, stop)
+        fp8_block = next(iter(fp8_blocks.values()), None)
+        written: dict[torch.dtype, int] = {}
+        for p in plan:
+            written[p.out_dtype] = written.get(p.out_dtype, 0) + math.prod(p.shape)
         for f in template.sidecar_files():
-            writer.add_file(f)
+            cfg = output_config(f, written, fp8_block) if f.name == "config.json" else None
+            if cfg is not None:
+                writer.add_json(f.name, cfg)
+            else:
+                writer.add_file(f)
         for name, obj in (extra_json or {}).items():
-            writer.add_json(name, obj)
+            writer.add_json(name, output_config(obj, written, fp8_block) if name == "config.json" else obj)
         warnings = notes + numerics.messages()
         manifest = {
             "weightops_version": __version__,
@@ -352,9 +436,7 @@ def run_streaming(method: Method, params, base_src, sources: list, *, out, dtype
             "outputs": {
                 "shards": [writer.shard_name(i) for i in range(writer.n_shards)],
                 "total_bytes": writer.total_bytes,
-                "tensors": {p.name: {"dtype": str(p.out_dtype)[6:], "shape": list(p.shape), "action": p.action,
-                                     **({"reason": p.reason} if p.reason else {}), "sha256": h}
-                            for p, h in zip(plan, writer.tensor_sha256().values())},
+                "tensors": _manifest_tensors(plan, writer.tensor_sha256(), [scale_entry(p) for p in plan if p.name in fp8_blocks]),
             },
             "warnings": warnings,
             "seconds": round(time.perf_counter() - t0, 3),
@@ -381,6 +463,14 @@ def _inputs_manifest(base_src, sources) -> list[dict]:
         return {**role, "path": str(s.path), "kind": s.kind, **hub.describe(s.path), "files": s.file_hashes()}
     return ([one(base_src, role="base")] if base_src is not None else []) + \
         [one(s, role="model", index=i + 1) for i, s in enumerate(sources)]
+
+
+def _manifest_tensors(plan: list[PlannedTensor], hashes: dict[str, str], scale_entries) -> dict:
+    out = {p.name: {"dtype": _dtype_name(p.out_dtype), "shape": list(p.shape), "action": p.action,
+                    **({"reason": p.reason} if p.reason else {}), "sha256": hashes[p.name]} for p in plan}
+    for name, dt, shape in scale_entries:
+        out[name] = {"dtype": _dtype_name(dt), "shape": list(shape), "action": "fp8 block scales", "sha256": hashes[name]}
+    return out
 
 
 def load_manifest(path) -> dict:

@@ -27,3 +27,26 @@ class NumericError(WeightopsError):
 
 class OutputError(WeightopsError):
     """The output cannot be written (exists, disk full, permissions)."""
+
+
+# float32 is the compute dtype of every operator: a knob it cannot hold is as meaningless as NaN.
+FLOAT32_MAX = 3.4028234663852886e38
+_FLAGS = {"lam": "lambda"}
+
+
+def check_finite(**knobs) -> None:
+    """Every numeric knob is a finite number within float32's range; lists (and dict values) item by item.
+
+    NaN, ±Inf and |x| > 3.4e38 are errors naming the knob (`lam` is spelled --lambda); None, strings
+    and booleans pass (their own checks apply)."""
+    import math
+
+    for name, value in knobs.items():
+        if isinstance(value, dict):
+            value = list(value.values())
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if not math.isfinite(v) or abs(v) > FLOAT32_MAX:
+                flag = "--" + _FLAGS.get(name, name).replace("_", "-")
+                raise WeightopsError(f"{flag} must be a finite number within the float32 range, got {v!r}")

@@ -93,19 +93,20 @@ def verify(path) -> dict:
         return {"ok": False, "problems": [str(e)]}
     problems = []
     want = manifest.get("outputs", {}).get("tensors", {})
-    for name in sorted(set(want) - set(ck.infos)):
+    stored = ck.raw_infos  # the bytes as written (FP8 weights and their scales, not dequantized)
+    for name in sorted(set(want) - set(stored)):
         problems.append(f"tensor '{name}' is in the manifest but not in the checkpoint")
-    for name in sorted(set(ck.infos) - set(want)):
+    for name in sorted(set(stored) - set(want)):
         problems.append(f"tensor '{name}' is in the checkpoint but not in the manifest")
-    for name, info in ck.infos.items():
+    for name, info in stored.items():
         if name not in want:
             continue
         h = hashlib.sha256()
         for s in range(0, info.numel, _BLOCK):
             e = min(info.numel, s + _BLOCK)
-            x = ck.read(name, s, e)
+            x = info.file.read(info, s, e)
             h.update(x.contiguous().view(torch.uint8).numpy() if x.numel() else b"")
-            ck.release(name, s, e)
+            info.file.release(info, s, e)
         if h.hexdigest() != want[name]["sha256"]:
             problems.append(f"tensor '{name}': sha256 differs from the manifest")
         if list(info.shape) != want[name]["shape"] or str(info.dtype)[6:] != want[name]["dtype"]:
@@ -116,4 +117,4 @@ def verify(path) -> dict:
         problems.append(f"shards {present} differ from the manifest's {shards}")
     if len(shards) > 1 and not (Path(path) / INDEX_NAME).is_file():
         problems.append(f"{INDEX_NAME} is missing")
-    return {"ok": not problems, "problems": problems, "tensors": len(ck.infos), "method": manifest.get("method")}
+    return {"ok": not problems, "problems": problems, "tensors": len(stored), "method": manifest.get("method")}

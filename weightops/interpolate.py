@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from weightops.errors import OutputError, WeightopsError
+from weightops.errors import OutputError, WeightopsError, check_finite
 from weightops.methods.base import Method
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)\.")
@@ -108,6 +108,7 @@ def parse_alphas(text) -> list[float]:
             raise WeightopsError(f"--alphas must be start:stop:step (step > 0) or comma-separated numbers, got '{text}'") from None
     if not vals or not all(math.isfinite(v) for v in vals):
         raise WeightopsError(f"--alphas gives no finite values: '{text}'")
+    check_finite(alphas=vals)
     return vals
 
 
@@ -190,6 +191,7 @@ def interpolate(base, ft, *, out, alpha: float = 0.5, alphas: dict[str, float] |
 
 
 def _check_point(p: PathPoint) -> None:
+    check_finite(alpha=p.alpha, alphas=p.alphas, density=p.density)
     if not (0.0 < p.density <= 1.0):
         raise WeightopsError(f"--density must be in (0, 1], got {p.density}")
     if p.sparsify is not None:
@@ -323,6 +325,7 @@ def sweep(base, ft, *, alphas, evals, out=None, per_layer: bool = False, group_b
     from weightops.io.writer import atomic_dir
 
     alphas = parse_alphas(alphas)
+    check_finite(rest_alpha=rest_alpha)
     evaluators = named_evaluators(evals, cache_dir, cache)
     point = PathPoint(group_by=group_by, sparsify=sparsify, density=density)
     _check_point(point)

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from weightops.errors import WeightopsError
+from weightops.errors import WeightopsError, check_finite
 
 # Modules imported (once) to register their steps; add yours here.
 STEP_MODULES: list[str] = ["weightops.patches.steps", "weightops.soup_steps"]
@@ -294,6 +294,10 @@ def _check_options(step: StepDef, opts: dict, where: str) -> None:
     for k, v in opts.items():
         if k in hints and not _type_ok(v, hints[k]):
             raise RecipeError(f"{where}: option '{k}' should be {_type_name(hints[k])}, got {type(v).__name__} {v!r}")
+        try:  # YAML's .nan/.inf (and 1e39) are numbers to YAML, garbage to every operator
+            check_finite(**{k: v})
+        except WeightopsError:
+            raise RecipeError(f"{where}: option '{k}' must be finite numbers within the float32 range, got {v!r}") from None
 
 
 def _type_ok(value, hint) -> bool:

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from weightops.errors import WeightopsError
+from weightops.errors import WeightopsError, check_finite
 from weightops.methods.base import Method
 
 SOUP_METHODS = ("uniform", "greedy", "learned")
@@ -91,6 +91,7 @@ def soup(models, *, out, method: str = "uniform", evaluator=None, accept: str = 
          lr: float = 0.1, batch_size: int = 32, seed: int = 0, cache_dir=None, cache: bool = True, quiet: bool = False,
          echo=None, command=None, **engine_kw) -> SoupResult:
     """Make a soup of `models` into `out`; see the module docstring. `echo(str)` receives progress lines."""
+    check_finite(lr=lr)
     from weightops.evaluate import evaluate_many, make_evaluator, scratch_dir
 
     t0 = time.perf_counter()

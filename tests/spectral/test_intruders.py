@@ -108,6 +108,63 @@ def test_adapter_low_rank_path_equals_reference(tmp_path, family, rslora):
         assert m["delta_fro"] == pytest.approx(float((W - family["base_sd"][m["name"]]).norm()), rel=1e-4)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_intruder_orthogonal_to_the_base_top_subspace(seed):
+    """Base 512² Gaussian, W = W0 + s·u·vᵀ with u, v orthogonal to the base's top-10 singular vectors and s = σ5(W0):
+    the base's top vectors (the dense path's warm start) are then exact singular vectors of W, with zero residual,
+    and the iteration used to stop at once and report no intruder. Counts now equal the full SVD's at every ε,
+    for the dense path (which cannot bound the rest of this flat spectrum, and falls back) and the adapter path."""
+    g = torch.Generator().manual_seed(seed)
+    n = 512
+    W0 = torch.randn(n, n, generator=g)
+    base = S.full_svd(W0)
+    u = torch.randn(n, generator=g)
+    u -= base.U[:, :10] @ (base.U[:, :10].T @ u)
+    v = torch.randn(n, generator=g)
+    v -= base.Vh[:10].T @ (base.Vh[:10] @ v)
+    u, v, s = u / u.norm(), v / v.norm(), float(base.S[4])
+    W = W0 + s * torch.outer(u, v)
+    opts = {m: Options(solver=m, eps_grid=GRID) for m in ("fast", "exact")}
+    exact = analyse_matrix("l.0.q.weight", W0.reshape(-1), (n, n), W=W, base_svd=base, opts=opts["exact"])
+    dense = analyse_matrix("l.0.q.weight", W0.reshape(-1), (n, n), W=W, base_svd=base, opts=opts["fast"])
+    lowrank = analyse_matrix("l.0.q.weight", W0.reshape(-1), (n, n), factors=((s * u)[:, None], v[None, :]),
+                             base_svd=base, opts=opts["fast"])
+    assert len(exact.intruders(0.5)) == 1
+    for r in (dense, lowrank):
+        assert [len(r.intruders(e)) for e in GRID] == [len(exact.intruders(e)) for e in GRID], (r.solver, r.best_cos)
+    assert "fallback" in dense.solver and lowrank.solver == "lowrank"
+
+
+def test_fast_path_is_certified_on_trained_like_spectra():
+    """A decaying spectrum with a dense fine-tune (noise far above the top gaps in Frobenius norm) and a LoRA update:
+    the certificate holds without the full SVD, and the counts are the reference's."""
+    g = torch.Generator().manual_seed(4)
+    W0, U0, s0, V0 = spectral_matrix(300, 300, g)
+    W = W0 + 0.02 * torch.randn(300, 300, generator=g) / math.sqrt(300) + 0.05 * W0 @ torch.diag(torch.linspace(0, 0.1, 300))
+    exact, fast = _analyse_dense(W0, W, "exact"), _analyse_dense(W0, W, "fast")
+    assert fast.solver == "subspace" and fast.intruders(0.5) == exact.intruders(0.5)
+    assert float((W - W0).norm()) > s0[9] - s0[10]  # the cheap Frobenius bound alone could not certify it
+    B, A = 0.3 * torch.randn(300, 4, generator=g), torch.randn(4, 300, generator=g) / math.sqrt(300)
+    low = analyse_matrix("l.0.q.weight", W0.reshape(-1), (300, 300), factors=(B, A), base_svd=S.full_svd(W0),
+                         opts=Options(solver="fast", eps_grid=GRID))
+    ref_low = _analyse_dense(W0, W0 + B @ A, "exact")
+    assert low.solver == "lowrank" and [len(low.intruders(e)) for e in GRID] == [len(ref_low.intruders(e)) for e in GRID]
+
+
+def test_eps_and_grid_use_one_rounding():
+    """The count at ε and the count under ε's key in the grid are one number, whatever digits ε has."""
+    from weightops.spectral.intruders import MatrixResult, summarise
+
+    opts = Options(eps=0.5000004, eps_grid=(0.1, 0.5))
+    r = MatrixResult("l.0.q.weight", 0, "q", (4, 4), "exact", 0, 0.0, [1.0, 0.5], [0.5000002, 0.9], [0, 1], {}, 0.0)
+    j = r.to_json(opts)
+    assert j["count"] == j["counts"][f"{opts.eps:g}"] == 0
+    summary = summarise([r], opts)
+    assert summary["total"] == summary["counts_vs_eps"][f"{opts.eps:g}"]
+    tiny = Options(eps=1.5e-7, eps_grid=(1.5e-7,))
+    assert tiny.grid == [1.5e-7]  # not rounded away to 0
+
+
 def test_error_bound_fallback_reproduces_reference():
     """A cosine sitting on a grid ε (within its error bound) sends the matrix to the full SVD: the reference's numbers."""
     g = torch.Generator().manual_seed(8)

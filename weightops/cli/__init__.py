@@ -32,6 +32,32 @@ from weightops.cli import (  # noqa: E402,F401
 )
 
 
+def _finite_float_options(fn):
+    """Every float option of a command is checked before the command runs (`--lambda nan`, `--t inf`,
+    `--rate 1e39`: one error line naming the option); options parsed from text (--weights 1,2) are
+    checked where they are parsed."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        from weightops.errors import check_finite
+
+        check_finite(**{k: v for k, v in kwargs.items() if isinstance(v, float)})
+        return fn(*args, **kwargs)
+
+    return run
+
+
+def _check_every_command(t: typer.Typer) -> None:
+    for info in t.registered_commands:
+        info.callback = _finite_float_options(info.callback)
+    for group in t.registered_groups:
+        _check_every_command(group.typer_instance)
+
+
+_check_every_command(app)
+
+
 def main() -> None:
     from weightops.errors import WeightopsError
 

@@ -17,12 +17,14 @@ METHODS_HELP = ("linear (soup), task_arithmetic, ties, dare_linear (alias dare),
 def _floats(text: Optional[str], what: str) -> Optional[list[float]]:
     if text is None:
         return None
-    from weightops.errors import WeightopsError
+    from weightops.errors import WeightopsError, check_finite
 
     try:
-        return [float(x) for x in text.replace(" ", "").split(",") if x]
+        values = [float(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
         raise WeightopsError(f"{what} must be comma-separated numbers, got '{text}'") from None
+    check_finite(**{what.lstrip("-").replace("-", "_"): values})
+    return values
 
 
 @app.command()
@@ -57,7 +59,7 @@ def merge(
     scale: Optional[float] = typer.Option(None, help="passthrough: multiply the model's tensors."),
     no_card: bool = typer.Option(False, "--no-card", help="Write no README.md model card."),
     seed: int = typer.Option(0, help="Seed of the DARE masks (mask = f(seed, model index, tensor name, element index))."),
-    dtype: Optional[str] = typer.Option(None, help="Output dtype: auto (the base's), float32, bfloat16, float16."),
+    dtype: Optional[str] = typer.Option(None, help="Output dtype: auto (the base's; block-scaled FP8 → bfloat16), float32, bfloat16, float16, float8_e4m3fn (re-quantize an FP8 checkpoint's FP8 weights)."),
     shard_size: str = typer.Option("5GB", help="Maximum shard size of the output (e.g. 5GB, 500MB)."),
     block_size: Optional[int] = typer.Option(None, help="Elements per block (default 4194304); bounds memory, never changes results."),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's)."),

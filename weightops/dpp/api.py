@@ -17,7 +17,7 @@ import torch
 
 from weightops.dpp import analytic_q
 from weightops.dpp.rules import METHODS, RULES, SCOPES, PruneParams, check_q, check_rate, della_epsilon
-from weightops.errors import WeightopsError
+from weightops.errors import WeightopsError, check_finite
 
 Q_BY = ("proxy", "metric", "analytic")
 FORMATS = ("model", "delta")
@@ -85,6 +85,8 @@ def prune(base, finetuned, *, out, method: str = "dare", rate: float = 0.9, q=No
           quiet: bool = False, command: list[str] | None = None) -> PruneResult:
     """Prune the delta of `finetuned` against `base`; see `weightops prune --help` and docs/dpp.md."""
     t0 = time.perf_counter()
+    check_finite(rate=rate, q=_float_q(q), eta=eta, gamma=gamma, stop_frac=stop_frac, q_lo=q_lo, q_hi=q_hi,
+                 q_step=q_step, epsilon=epsilon)
     rate = _check_knobs(method, rate, q, q_by, scope, epsilon, calib_data, format)
     if keep is not None:
         try:

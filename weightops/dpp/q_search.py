@@ -169,11 +169,15 @@ def read_texts(spec) -> list[str]:
 
 
 def is_decoder(model_dir) -> bool:
+    """A causal LM: its architecture is one transformers loads with AutoModelForCausalLM (GPT2LMHeadModel,
+    *ForCausalLM, ...), or its config says is_decoder."""
     from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     cfg = AutoConfig.from_pretrained(model_dir)
     archs = getattr(cfg, "architectures", None) or []
-    return bool(getattr(cfg, "is_decoder", False)) or any(a.endswith("ForCausalLM") for a in archs)
+    causal = {c for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for c in ((v,) if isinstance(v, str) else v)}
+    return bool(getattr(cfg, "is_decoder", False)) or any(a in causal or a.endswith("ForCausalLM") for a in archs)
 
 
 def load_for_proxy(model_dir, decoder: bool):

@@ -92,6 +92,9 @@ def recommend_dpp(stats: dict, *, rate: float = 0.9, calibration: bool = False, 
                   unlabelled: bool = False, decoder: bool = False, large_delta: float = LARGE_DELTA,
                   high_rate: float = HIGH_RATE) -> dict:
     """{"method", "q_by", "command_flags", "reasons": [...]} from delta statistics and the data at hand."""
+    from weightops.errors import check_finite
+
+    check_finite(rate=rate, large_delta=large_delta, high_rate=high_rate)
     m = stats["model"]
     p99 = m.get("p99", m["max_abs"])
     large = p99 > large_delta

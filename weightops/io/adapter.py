@@ -5,6 +5,16 @@ from rank_pattern/alpha_pattern). A block of elements [start, stop) of ΔW
 only needs the rows of B it covers, so adapters merge block-wise without
 materialising the adapted model. Tensors saved whole in the adapter
 (`modules_to_save`, e.g. a classifier head) replace the base's.
+
+Biases, as peft's merge_and_unload treats them: with `bias="lora_only"` or
+`"all"` the trained biases are saved (`X.base_layer.bias` for an adapted
+module X, `Y.bias` for the others) and replace the base's; with
+`lora_bias=True`, `X.lora_B.bias` adds s·lora_B.bias to X's bias.
+
+Every adapter key names exactly one base tensor (an exact name, else a unique
+suffix match; two candidates are an error), and LoRA factors of a module that
+the config's `target_modules` (with `layers_to_transform`, `exclude_modules`)
+does not select are an error: peft would silently skip them.
 """
 from __future__ import annotations
 
@@ -91,32 +101,83 @@ class LoraAdapter:
         self.files = [self.file]
         self.factors: dict[str, LoraFactor] = {}
         self.replaced: dict[str, TensorInfo] = {}
+        self.bias_deltas: dict[str, tuple[TensorInfo, float]] = {}  # base bias name -> (lora_B.bias, scale)
         self._parse()
         self.infos = base.infos
 
-    def _base_name(self, key: str) -> str:
+    def _base_name(self, key: str, shown: str | None = None) -> str:
+        """The base tensor `key` (an adapter key, prefix and all) stands for; errors name `shown` (the file's key)."""
+        shown = shown or key
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         if name in self.base.infos:
             return name
-        # Adapters trained on a task model (e.g. `bert.` prefixed) applied to its bare backbone, or vice versa.
-        for cand in self.base.infos:
-            if cand.endswith("." + name) or name.endswith("." + cand):
-                return cand
-        raise CheckpointError(f"{self.path}: adapter tensor '{key}' matches no tensor of the base {self.base.path}")
+        # Adapters trained on a task model (e.g. `bert.` prefixed) applied to its bare backbone, or vice versa;
+        # a key without its layer prefix (e.g. `q_proj.weight`) fits many tensors and names none of them.
+        hits = [c for c in self.base.infos if c.endswith("." + name) or name.endswith("." + c)]
+        if len(hits) == 1:
+            return hits[0]
+        if hits:
+            listed = ", ".join(f"'{h}'" for h in hits[:3]) + (f" and {len(hits) - 3} more" if len(hits) > 3 else "")
+            raise CheckpointError(f"{self.path}: adapter tensor '{shown}' matches {len(hits)} tensors of the base "
+                                  f"{self.base.path} ({listed}); which one is meant is ambiguous")
+        raise CheckpointError(f"{self.path}: adapter tensor '{shown}' matches no tensor of the base {self.base.path}")
+
+    def _targeted(self, module: str) -> bool:
+        """Whether peft would put a LoRA layer on `module` (peft's check_target_module_exists)."""
+        cfg = self.config
+        excl = cfg.get("exclude_modules")
+        if excl:
+            if isinstance(excl, str) and re.fullmatch(excl, module):
+                return False
+            if not isinstance(excl, str) and (module in excl or any(module.endswith("." + e) for e in excl)):
+                return False
+        targets = cfg.get("target_modules")
+        if targets is None or (isinstance(targets, str) and targets.lower() == "all-linear"):
+            return True  # nothing to check against (all-linear is resolved on the model, which we do not build)
+        if isinstance(targets, str):
+            return re.fullmatch(targets, module) is not None
+        if module in targets:
+            return True
+        if not any(module.endswith("." + t) for t in targets):
+            return False
+        layers = cfg.get("layers_to_transform")
+        if layers is None or layers == []:
+            return True
+        patterns = cfg.get("layers_pattern") or None
+        if patterns is None:
+            m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+        else:
+            m = None
+            for pat in [patterns] if isinstance(patterns, str) else patterns:
+                m = re.match(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.", module)
+                if m:
+                    break
+        if m is None:
+            return False
+        idx = int(m.group("idx"))
+        return idx == layers if isinstance(layers, int) else idx in layers
 
     def _parse(self) -> None:
         cfg = self.config
         r_default, alpha_default = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
         rslora, fan_in_fan_out = bool(cfg.get("use_rslora")), bool(cfg.get("fan_in_fan_out"))
         pairs: dict[str, dict[str, TensorInfo]] = {}
+        lora_biases: dict[str, TensorInfo] = {}
         for key, info in self.file.tensors.items():
             m = re.match(r"^(.*)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.[^.]+)?\.weight$", key) or re.match(
                 r"^(.*)\.(lora_embedding_A|lora_embedding_B)(\.[^.]+)?$", key
             )
+            mb = re.match(r"^(.*)\.lora_B(\.[^.]+)?\.bias$", key)
             if m:
                 pairs.setdefault(m.group(1), {})[m.group(2)] = info
+            elif mb:  # lora_bias=True
+                lora_biases[mb.group(1)] = info
             elif "lora_" in key or "magnitude" in key:
                 raise CheckpointError(f"{self.path}: unsupported adapter tensor '{key}'")
+            elif key.endswith(".base_layer.bias"):  # bias="lora_only"/"all": the trained bias of an adapted module
+                self.replaced[self._base_name(key[: -len(".base_layer.bias")] + ".bias", key)] = info
+            elif ".base_layer." in key:
+                raise CheckpointError(f"{self.path}: unsupported adapter tensor '{key}' (only a base layer's bias is merged)")
             else:
                 self.replaced[self._base_name(key)] = info
         for module_key, parts in pairs.items():
@@ -126,33 +187,58 @@ class LoraAdapter:
             if a is None or b is None:
                 raise CheckpointError(f"{self.path}: '{module_key}' has only one of its LoRA A/B factors")
             module = module_key[len(PREFIX):] if module_key.startswith(PREFIX) else module_key
+            if not self._targeted(module):
+                raise CheckpointError(f"{self.path}: LoRA factors for '{module}', which target_modules "
+                                      f"{cfg.get('target_modules')!r} does not select (peft would skip them)")
             r = int(_pattern_value(cfg.get("rank_pattern") or {}, module, r_default))
             alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, alpha_default))
             if a.shape[0] != r or b.shape[1] != r:
                 raise CheckpointError(f"{self.path}: '{module_key}' factors have rank {a.shape[0]}, config says r={r}")
             scale = alpha / math.sqrt(r) if rslora else alpha / r
-            target = self._base_name(module_key + ".weight")
+            target = self._base_name(module_key + ".weight", a.name)
             transpose = embedding or fan_in_fan_out
             shape = self.base.infos[target].shape
             want = (a.shape[1], b.shape[0]) if transpose else (b.shape[0], a.shape[1])
             if tuple(shape) != want:
                 raise CheckpointError(f"{self.path}: ΔW for '{target}' would be {list(want)}, base has {list(shape)}")
+            if target in self.factors:
+                raise CheckpointError(f"{self.path}: two LoRA modules of the adapter both adapt '{target}'")
             self.factors[target] = LoraFactor(a, b, scale, transpose, r, alpha)
+            if module_key in lora_biases:
+                bias = lora_biases.pop(module_key)
+                bname = self._base_name(module_key + ".bias", bias.name)
+                if tuple(bias.shape) != tuple(self.base.infos[bname].shape):
+                    raise CheckpointError(f"{self.path}: '{bias.name}' has shape {list(bias.shape)}, "
+                                          f"'{bname}' {list(self.base.infos[bname].shape)}")
+                self.bias_deltas[bname] = (bias, scale)
+        if lora_biases:
+            raise CheckpointError(f"{self.path}: '{next(iter(lora_biases.values())).name}' has no LoRA factors of its module")
         for name, info in self.replaced.items():
             if tuple(info.shape) != tuple(self.base.infos[name].shape):
                 raise CheckpointError(f"{self.path}: '{name}' has shape {list(info.shape)}, base has {list(self.base.infos[name].shape)}")
 
     # -- the source interface (same as Checkpoint) ---------------------------------------
     def delta(self, name: str, start: int, stop: int) -> torch.Tensor | None:
-        """ΔW block in fp32 for adapted matrices; None for tensors the adapter leaves alone."""
+        """ΔW block in fp32 for adapted matrices (and s·lora_B.bias for lora_bias); None for tensors the adapter
+        does not add to."""
         f = self.factors.get(name)
-        return None if f is None else f.delta(self.base.infos[name].shape, start, stop)
+        if f is not None:
+            return f.delta(self.base.infos[name].shape, start, stop)
+        if name in self.bias_deltas:
+            info, scale = self.bias_deltas[name]
+            return info.file.read(info, start, stop).float() * scale
+        return None
+
+    def changes(self, name: str) -> bool:
+        """Whether the adapted model's `name` differs from the base's."""
+        return name in self.factors or name in self.replaced or name in self.bias_deltas
 
     def read(self, name: str, start: int, stop: int) -> torch.Tensor:
         if name in self.replaced:
             info = self.replaced[name]
-            return info.file.read(info, start, stop)
-        base = self.base.read(name, start, stop)
+            base = info.file.read(info, start, stop)
+        else:
+            base = self.base.read(name, start, stop)
         d = self.delta(name, start, stop)
         return base if d is None else base.float() + d
 

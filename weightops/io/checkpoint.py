@@ -6,6 +6,11 @@ also accepts a PEFT LoRA adapter directory, given the base it was trained on
 (see `weightops.io.adapter`). Every source answers the same four questions:
 which tensors (`infos`), read elements [start, stop) of one (`read`), forget
 them (`release`), and the sha256 of the files behind it (`file_hashes`).
+
+Block-scaled FP8 weights (`weightops.io.fp8`) appear in `infos` as one float
+tensor read in fp32, their `*_scale_inv` tensors hidden; `raw_infos` lists the
+tensors as stored, and `unknown_fp8` the FP8 tensors whose convention we do not
+know (commands refuse them by name).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from pathlib import Path
 import torch
 
 from weightops.errors import CheckpointError
+from weightops.io.fp8 import FP8_DTYPES, QUANT_CONFIG, SCALE_SUFFIX, BlockScaledInfo, find_block_scaled
 from weightops.io.safetensors_file import SafetensorsFile, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -63,6 +69,25 @@ class Checkpoint:
                     raise CheckpointError(f"{self.path}: tensor '{name}' appears in two shards")
                 self.infos[name] = info
         self._check_index()
+        self.raw_infos: dict[str, TensorInfo] = dict(self.infos)
+        self.block_scaled, self.unknown_fp8 = find_block_scaled(self.infos, self.config)
+        if self.block_scaled:
+            hidden = {n + SCALE_SUFFIX for n in self.block_scaled}
+            self.infos = {n: self.block_scaled.get(n, i) for n, i in self.infos.items() if n not in hidden}
+
+    @property
+    def config(self) -> dict:
+        """config.json of a model directory ({} when there is none or it is unreadable)."""
+        if not hasattr(self, "_config"):
+            self._config = {}
+            f = self.path / "config.json"
+            if self.path.is_dir() and f.is_file():
+                try:
+                    cfg = json.loads(f.read_text())
+                    self._config = cfg if isinstance(cfg, dict) else {}
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                    pass
+        return self._config
 
     def _resolve_files(self) -> list[Path]:
         p = self.path
@@ -115,10 +140,14 @@ class Checkpoint:
     # -- the source interface ---------------------------------------------------------
     def read(self, name: str, start: int, stop: int) -> torch.Tensor:
         info = self.infos[name]
+        if isinstance(info, BlockScaledInfo):
+            return info.read(start, stop)
         return info.file.read(info, start, stop)
 
     def release(self, name: str, start: int, stop: int) -> None:
         info = self.infos[name]
+        if isinstance(info, BlockScaledInfo):
+            return info.release(start, stop)
         info.file.release(info, start, stop)
 
     def file_hashes(self) -> list[dict]:
@@ -171,3 +200,36 @@ def open_source(path: str | os.PathLike, base: Checkpoint | None = None):
             raise CheckpointError(f"{path}: a LoRA adapter needs --base (the model it was trained on)")
         return LoraAdapter(path, base)
     return Checkpoint(path)
+
+
+def output_config(path: Path | dict, written: dict, fp8_block) -> dict | None:
+    """The template's config.json (a path, or the dict a planner built, e.g. a mergekit config's with its layer
+    count) for an output: the dtype written (`torch_dtype`, and `dtype` as transformers 5 writes and prefers
+    it) set to the dtype of most of the non-FP8 float elements (`written`: dtype → elements), also in
+    sub-configs that carry one; an fp8 quantization_config kept (or added) only when FP8 weights were written
+    (`fp8_block`), dropped otherwise. None: unreadable, copy the file as it is."""
+    if isinstance(path, dict):
+        cfg = json.loads(json.dumps(path))  # a deep copy: the caller's dict stays as it was
+    else:
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+    if not isinstance(cfg, dict):
+        return None
+    sizes = {d: n for d, n in written.items() if d.is_floating_point and d not in FP8_DTYPES}
+    if sizes:
+        main = str(max(sizes, key=lambda d: sizes[d]))[6:]
+        cfg["torch_dtype"] = cfg["dtype"] = main
+        for sub in cfg.values():  # composite models (text_config, vision_config, ...) carry their own
+            if isinstance(sub, dict):
+                for key in ("torch_dtype", "dtype"):
+                    if key in sub:
+                        sub[key] = main
+    qc = cfg.get("quantization_config")
+    if fp8_block is not None:
+        if not (isinstance(qc, dict) and qc.get("quant_method") == "fp8"):
+            cfg["quantization_config"] = {**QUANT_CONFIG, "weight_block_size": list(fp8_block)}
+    elif isinstance(qc, dict) and qc.get("quant_method") == "fp8":
+        del cfg["quantization_config"]
+    return cfg

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from weightops.errors import WeightopsError
+from weightops.errors import WeightopsError, check_finite
 
 
 @dataclass
@@ -110,6 +110,7 @@ class Method:
         unused = [k for k in given if k not in self.uses and k != "seed"]
         if unused:
             raise WeightopsError(f"method {self.name} does not take {', '.join('--' + k.replace('_', '-') for k in unused)}")
+        check_finite(**given)
         out = MergeParams(**{**self.defaults, **given})
         if out.weights is not None and len(out.weights) != n_models:
             raise WeightopsError(f"--weights has {len(out.weights)} values for {n_models} models")

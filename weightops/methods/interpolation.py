@@ -58,6 +58,7 @@ class Slerp(Method):
     uses = ("t",)
     defaults = {"t": 0.5}
     parallel_cos = 0.9995
+    zero_norm = 1e-8  # mergekit's eps: a vector this short is not normalised
 
     def validate(self, p, n_models):
         check_fraction("t", p.t)
@@ -66,9 +67,11 @@ class Slerp(Method):
         g = _dots(job, with_base=False)
         n0, n1 = math.sqrt(g[0, 0].item()), math.sqrt(g[1, 1].item())
         t = p.t
-        if n0 == 0 or n1 == 0:
-            return [1 - t, t]
-        cos = max(-1.0, min(1.0, g[0, 1].item() / (n0 * n1)))
+        # As mergekit (0.1.x): a (near-)zero tensor is left unnormalised, so its cosine with the other is ~0 and
+        # the result is sin((1-t)π/2)·θ0 + sin(tπ/2)·θ1, not the linear (1-t)·θ0 + t·θ1.
+        d0 = n0 if n0 > self.zero_norm else 1.0
+        d1 = n1 if n1 > self.zero_norm else 1.0
+        cos = max(-1.0, min(1.0, g[0, 1].item() / (d0 * d1)))
         if abs(cos) > self.parallel_cos:
             return [1 - t, t]
         theta = math.acos(cos)

@@ -56,7 +56,9 @@ def slerp(a: dict, b: dict, t: float = 0.5) -> dict:
             continue
         v0, v1 = a[k].double().flatten(), b[k].double().flatten()
         n0, n1 = v0.norm(), v1.norm()
-        cos = (v0 @ v1 / (n0 * n1)).clamp(-1, 1).item() if n0 > 0 and n1 > 0 else 1.0
+        # mergekit: a vector of norm <= 1e-8 is not normalised (an all-zero tensor gives cos 0, θ = π/2)
+        n0, n1 = (n if n > 1e-8 else torch.ones((), dtype=torch.float64) for n in (n0, n1))
+        cos = (v0 @ v1 / (n0 * n1)).clamp(-1, 1).item()
         if abs(cos) > 0.9995:
             s0, s1 = 1 - t, t
         else:

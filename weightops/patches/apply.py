@@ -23,7 +23,7 @@ import torch
 
 from weightops import __version__
 from weightops.engine import MergeResult, run_streaming
-from weightops.errors import WeightopsError
+from weightops.errors import WeightopsError, check_finite
 from weightops.io.adapter import PREFIX
 from weightops.io.checkpoint import ADAPTER_CONFIG, Checkpoint
 from weightops.methods.base import MergeParams, Method
@@ -76,6 +76,7 @@ def apply_patch(patch, to, out, *, scale: float = 1.0, rename=None, as_adapter: 
         scale = math.nan
     if not math.isfinite(scale):
         raise WeightopsError(f"--scale must be a finite number, got {given!r}")
+    check_finite(scale=scale)
     p = Patch(patch)
     target = Checkpoint(to)
     rep = check_patch(p, target, rename=rename, allow_dtype_mix=allow_dtype_mix)

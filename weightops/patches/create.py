@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from weightops import __version__
-from weightops.errors import OutputError, WeightopsError
+from weightops.errors import OutputError, WeightopsError, check_finite
 from weightops.io.checkpoint import Checkpoint, is_adapter_dir
 from weightops.patches.format import PatchEntry, dtype_name, fingerprint, write_patch
 
@@ -65,6 +65,7 @@ def create_patch(base, out, *, adapter=None, finetuned=None, rank: int | None = 
                  dtype: str = "float32", force: bool = False, quiet: bool = False,
                  command: list[str] | None = None) -> dict:
     """Write a patch of `adapter` (LoRA on `base`) or of `finetuned` − `base` to `out`; returns a report."""
+    check_finite(energy=energy)
     from weightops.engine import _progress
 
     t0 = time.perf_counter()
@@ -127,15 +128,15 @@ def _from_adapter(base_ck, adapter, skip_re):
     rslora = bool(ad.config.get("use_rslora"))
     entries, tensors, skipped = [], {}, []
     for name, info in base_ck.infos.items():  # base order: deterministic, and the order apply streams in
-        if name not in ad.factors and name not in ad.replaced:
+        if not ad.changes(name):
             continue
         if skip_re is not None and skip_re.search(name):
             skipped.append({"name": name, "reason": "--skip"})
             continue
-        if name in ad.replaced:
+        if name not in ad.factors:  # a replaced tensor, or a bias with its lora_B.bias added: the value itself
             e = PatchEntry(name, "value", tuple(info.shape), dtype_name(info.dtype))
-            v = ad.replaced[name]
-            tensors[e.keys[0]] = v.file.read(v, 0, v.numel).reshape(v.shape)
+            v = ad.replaced.get(name, info)
+            tensors[e.keys[0]] = ad.read(name, 0, info.numel).to(v.dtype).reshape(info.shape)
         else:
             f = ad.factors[name]
             layout = "embedding" if "lora_embedding" in f.a.name else ("fan_in_fan_out" if f.transpose else "linear")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from weightops.errors import AlignmentError, WeightopsError
+from weightops.errors import AlignmentError, WeightopsError, check_finite
 from weightops.methods.base import Method
 from weightops.sparse.format import SparseFile, check_against, open_sparse, read_sparse_delta
 
@@ -100,6 +100,7 @@ def apply_mask(base, finetuned, mask, out, *, dtype=None, shard_size="5GB", bloc
 def apply_sparse_delta(base, deltas, out, *, scales=None, dtype=None, shard_size="5GB", block_size=None,
                        force=False, quiet=False, command=None, manifest_extra=None, extra_json=None):
     """θ0 + Σ s_i·δ_i for sparse deltas (paths or SparseFiles; one or several); returns the MergeResult."""
+    check_finite(scales=scales)
     from weightops.engine import run_streaming
     from weightops.io.checkpoint import Checkpoint
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from weightops.errors import NumericError, WeightopsError
+from weightops.errors import NumericError, WeightopsError, check_finite
 from weightops.sparse.format import SparseWriter
 
 DEFAULT_SCOPE = r"(^|\.)(layer|layers|h|block|blocks)\.\d+\."
@@ -87,6 +87,7 @@ def select_top_delta(base_src, ft_src, *, sparsity: float | None = None, k: int 
                      scope: str | None = None, whole: str | None = None, block_size: int = 1 << 22,
                      quiet: bool = True) -> Selection:
     """The global top-k |δ| threshold over the eligible tensors (two streaming passes)."""
+    check_finite(sparsity=sparsity)
     from weightops import ops
     from weightops.engine import _progress
     from weightops.methods.task_arithmetic import keep_count

@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 
-from weightops.errors import WeightopsError
+from weightops.errors import WeightopsError, check_finite
 
 
 def _hf_loss(output, batch) -> torch.Tensor:
@@ -170,6 +170,7 @@ def learn_mask(base, finetuned, task, *, sparsity: float | None = None, k: int |
 
     Returns {"nnz", "best_step", "best_train", "best_dev", "losses" (per step, soft mask), "scores", ...}.
     """
+    check_finite(sparsity=sparsity, lr=lr, sigmoid_bias=sigmoid_bias)
     from torch.func import functional_call
 
     from weightops.io.checkpoint import Checkpoint

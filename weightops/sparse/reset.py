@@ -25,7 +25,7 @@ import re
 import torch
 
 from weightops import ops
-from weightops.errors import WeightopsError
+from weightops.errors import WeightopsError, check_finite
 from weightops.methods.base import Method
 
 GRANULARITIES = ("parameter", "row", "tensor", "hft")
@@ -112,6 +112,7 @@ def reset(base, finetuned, out, *, fraction: float = 0.5, by: str = "parameter",
           scope: str | None = None, dtype=None, shard_size="5GB", block_size=None, force: bool = False,
           quiet: bool = True, command=None):
     """Reset a fraction of the fine-tuned parameters inside `scope` to the base; returns the MergeResult."""
+    check_finite(fraction=fraction)
     from weightops.engine import run_streaming
     from weightops.io.checkpoint import Checkpoint, open_source
     from weightops.sparse.graft import DEFAULT_SCOPE, eligible_names

@@ -32,13 +32,19 @@ from pathlib import Path
 import torch
 
 from weightops import __version__
-from weightops.errors import WeightopsError
+from weightops.errors import WeightopsError, check_finite
 from weightops.io.checkpoint import Checkpoint, is_adapter_dir, open_source
 from weightops.spectral import svd as _svd
 
 DEFAULT_EPS = 0.5
 DEFAULT_TOP_K = 10
 DEFAULT_EPS_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 … 0.95
+
+
+def eps_value(e: float) -> float:
+    """Every ε (the one reported and the grid's) to 6 significant digits, the precision the report's keys
+    (f"{e:g}") carry: the count at ε and the count under ε's key are then one number."""
+    return float(f"{float(e):.6g}")
 # Margin for the reference's own rounding: a cosine this close to ε may land on
 # either side in an fp32 LAPACK SVD, so such matrices take the reference path.
 REFERENCE_MARGIN = 1e-5
@@ -67,9 +73,18 @@ class Options:
     keep_vectors: bool = False  # keep intruder (u, s, v) for mitigation
     detail_k: int = 64  # base vectors shown in the cosine-matrix plot
 
+    def __post_init__(self) -> None:
+        self._round()
+
+    def _round(self) -> None:
+        self.eps = eps_value(self.eps)
+        self.eps_grid = tuple(eps_value(e) for e in self.eps_grid)
+
     def validate(self) -> None:
+        self._round()
         if self.top_k < 1:
             raise WeightopsError(f"--top-k must be at least 1, got {self.top_k}")
+        check_finite(eps=self.eps, eps_grid=list(self.eps_grid))
         for e in (self.eps, *self.eps_grid):
             if not (0.0 < e <= 1.0):
                 raise WeightopsError(f"ε values must be in (0, 1], got {e}")
@@ -84,7 +99,7 @@ class Options:
 
     @property
     def grid(self) -> list[float]:
-        return sorted(set(round(float(e), 6) for e in (*self.eps_grid, self.eps)))
+        return sorted(set(eps_value(e) for e in (*self.eps_grid, self.eps)))
 
 
 def layer_and_module(name: str) -> tuple[int | None, str]:
@@ -223,18 +238,20 @@ def _analyse_matrix(name, W0_flat, shape, W, factors, base_svd, opts, threads) -
     elif factors is not None:
         top = _svd.topk_lowrank(base_svd, factors[0], factors[1], k, generator=gen)
     else:
-        top = _svd.topk_dense(W, base_svd, k, generator=gen)
+        top = _svd.topk_dense(W, base_svd, k, generator=gen, W0=W0)
     best, arg = top.cos.max(dim=0)
-    if top.solver == "subspace" and _ambiguous(best, top.err, opts.grid):
+    if top.solver == "subspace" and top.certified and _ambiguous(best, top.err, opts.grid):
         # Iterate on to the fp32 rounding floor from where we are; only then pay for the full SVD.
-        more = _svd.topk_dense(W, base_svd, k, tol=1e-8, generator=gen, start=top.V)
+        more = _svd.topk_dense(W, base_svd, k, tol=1e-8, generator=gen, start=top.V, W0=W0)
         more.iterations += top.iterations
         top = more
         best, arg = top.cos.max(dim=0)
-    if top.solver != "exact" and _ambiguous(best, top.err, opts.grid):
+    if top.solver != "exact" and (not top.certified or _ambiguous(best, top.err, opts.grid)):
+        why = ("a cosine within its error bound of an ε" if top.certified else
+               "the rest of the spectrum could not be bounded below the top k found")
         with _num_threads(threads, opts.workers == 1):
             top = _svd.topk_exact(W, base_svd, k)
-        top.solver = "exact (fallback: a cosine within its error bound of an ε)"
+        top.solver = f"exact (fallback: {why})"
         best, arg = top.cos.max(dim=0)
     dW = W - W0
     s0, s1 = float(base_svd.S[0]) if d else 0.0, float(top.S[0]) if k else 0.0

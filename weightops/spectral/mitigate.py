@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from weightops.errors import WeightopsError
+from weightops.errors import WeightopsError, check_finite
 from weightops.io.adapter import lowrank_block
 from weightops.methods.base import MergeParams, Method
 
@@ -59,6 +59,7 @@ def corrections(results, lam: float, eps: float) -> dict[str, tuple[torch.Tensor
 def _check_lambda(lam: float) -> None:
     if not (math.isfinite(lam) and lam >= 0):
         raise WeightopsError(f"--scale (λ) must be a finite number ≥ 0, got {lam}")
+    check_finite(scale=lam)
 
 
 def _analyse(base, target, opts, quiet, command):
